@@ -1,0 +1,13 @@
+"""Errors users can act on. Each carries a message that names what is wrong and where."""
+
+
+class DiLaServeError(Exception):
+    """Base class for errors that are the caller's to fix (bad input, bad files)."""
+
+
+class CheckpointError(DiLaServeError):
+    """A model directory cannot be loaded: missing file, unknown type, bad weight."""
+
+
+class InvalidRequestError(DiLaServeError):
+    """A request or generation setting is invalid (maps to HTTP 400)."""

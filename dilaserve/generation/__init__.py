@@ -1,0 +1,1 @@
+"""Decoding semantics shared by the reference generator and the engine."""

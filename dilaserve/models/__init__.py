@@ -1,0 +1,1 @@
+"""Native dLLM implementations loaded from their published checkpoint formats."""

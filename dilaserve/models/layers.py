@@ -1,0 +1,73 @@
+"""Building blocks shared by the model families: RMSNorm, rotary embedding, the
+pre-norm SwiGLU transformer block. Module names are set by each family so that state-dict
+keys match the published checkpoints exactly."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dilaserve.models.attention import AttentionBackend
+
+
+class RMSNorm(nn.Module):
+    """Normalises in float32 and casts back before the scale (as LLaDA and Qwen2 do)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, [N, 1, head_dim] in float32, for absolute positions [N]."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq
+    angles = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-split rotation (NeoX / LLaMA layout), computed in float32."""
+    h = x.float()
+    x1, x2 = h.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (h * cos + rotated * sin).to(x.dtype)
+
+
+def transformer_block(
+    x: torch.Tensor,
+    *,
+    layer_idx: int,
+    attn_norm: RMSNorm,
+    q_proj: nn.Linear,
+    k_proj: nn.Linear,
+    v_proj: nn.Linear,
+    o_proj: nn.Linear,
+    mlp_norm: RMSNorm,
+    gate_proj: nn.Linear,
+    up_proj: nn.Linear,
+    down_proj: nn.Linear,
+    rotary: tuple[torch.Tensor, torch.Tensor],
+    attn: AttentionBackend,
+    head_dim: int,
+) -> torch.Tensor:
+    """One pre-norm block: x + attn(norm(x)), then h + down(silu(gate(norm(h))) * up(norm(h)))."""
+    n = x.shape[0]
+    h = attn_norm(x)
+    q = q_proj(h).view(n, -1, head_dim)
+    k = k_proj(h).view(n, -1, head_dim)
+    v = v_proj(h).view(n, -1, head_dim)
+    cos, sin = rotary
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    a = attn(layer_idx, q, k, v)
+    x = x + o_proj(a.reshape(n, -1))
+    h = mlp_norm(x)
+    return x + down_proj(F.silu(gate_proj(h)) * up_proj(h))

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny random checkpoints in the published LLaDA and Dream formats."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dilaserve.models.checkpoint import make_random_checkpoint
+from dilaserve.models.registry import load_model
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def llada_dir(tmp_path_factory):
+    return make_random_checkpoint(tmp_path_factory.mktemp("llada"), "llada", seed=1)
+
+
+@pytest.fixture(scope="session")
+def dream_dir(tmp_path_factory):
+    # Grouped-query attention, as Dream-7B has (28 query heads over 4 KV heads).
+    return make_random_checkpoint(tmp_path_factory.mktemp("dream"), "dream", seed=2, num_heads=4, num_kv_heads=2)
+
+
+@pytest.fixture(scope="session")
+def llada(llada_dir):
+    return load_model(llada_dir)
+
+
+@pytest.fixture(scope="session")
+def dream(dream_dir):
+    return load_model(dream_dir)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
