@@ -152,6 +152,9 @@ def generate(model: DiffusionLM, prompt_ids: list[int], config: GenerationConfig
             if spec.shift_logits:
                 rows = (rows - 1).clamp(min=0)  # position 0 keeps its own logits, as in Dream
             logits = model.compute_logits(hidden[rows]).float()
+            # Never predict the mask token itself: committing it would leave the position masked
+            # forever (the published loops would spin or end with masks left).
+            logits[:, spec.mask_token_id] = -torch.inf
             choice = unmasker.select(logits, step=step, num_masked_in_block=num_masked_at_start, generator=generator)
             x[masked[choice.commit]] = choice.tokens[choice.commit]
             step += 1

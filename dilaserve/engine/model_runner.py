@@ -1,0 +1,106 @@
+"""The model runner: turns a step plan into one packed forward and per-request decisions.
+
+All scheduled requests, whatever their lengths, phases and chunks, run in one forward over the
+packed tokens. Logits are computed only for the queried positions (the logit budget), and
+each request's unmasking strategy picks what to commit, with its own random generator so a
+request decodes the same alone or in any batch.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from dilaserve.engine.plan import Decision, StepOutput, StepPlan
+from dilaserve.engine.request import Request
+from dilaserve.models.base import DiffusionLM
+from dilaserve.models.paged_attention import PagedAttention, PagedKVCache
+
+
+class ModelRunner:
+    def __init__(self, model: DiffusionLM, num_pages: int, page_size: int):
+        self.model = model
+        self.spec = model.spec
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.page_size = page_size
+        self.cache = PagedKVCache(
+            self.spec.num_layers, num_pages, page_size, self.spec.num_kv_heads, self.spec.head_dim,
+            self.dtype, self.device,
+        )
+        self._generators: dict[str, torch.Generator] = {}
+
+    def generator_for(self, request: Request) -> torch.Generator:
+        gen = self._generators.get(request.request_id)
+        if gen is None:
+            seed = request.params.seed if request.params.seed is not None else hash(request.request_id) & 0x7FFFFFFF
+            gen = self._generators[request.request_id] = torch.Generator(device=self.device).manual_seed(seed)
+        return gen
+
+    def release(self, request_id: str) -> None:
+        self._generators.pop(request_id, None)
+
+    def _slots(self, request: Request, start: int, end: int) -> torch.Tensor:
+        pos = torch.arange(start, end)
+        pages = torch.tensor(request.pages)
+        return pages[pos // self.page_size] * self.page_size + pos % self.page_size
+
+    def _build(self, plan: StepPlan):
+        ids, positions, slots, key_slots, q_counts = [], [], [], [], []
+        for item in plan.items:
+            r = item.request
+            ids.extend(r.canvas[item.compute_start:item.compute_end])
+            positions.append(torch.arange(item.compute_start, item.compute_end))
+            slots.append(self._slots(r, item.compute_start, item.compute_end))
+            key_slots.append(self._slots(r, 0, r.seq_len))
+            q_counts.append(item.num_tokens)
+        num_req = len(plan.items)
+        q_max, l_max = max(q_counts), max(len(k) for k in key_slots)
+        q_lens = torch.tensor(q_counts)
+        q_starts = torch.cumsum(q_lens, 0) - q_lens
+        offs = torch.arange(q_max)
+        query_valid = offs.unsqueeze(0) < q_lens.unsqueeze(1)
+        query_index = torch.where(query_valid, q_starts.unsqueeze(1) + offs, 0)
+        key_index = torch.zeros(num_req, l_max, dtype=torch.long)
+        key_valid = torch.zeros(num_req, l_max, dtype=torch.bool)
+        for i, ks in enumerate(key_slots):
+            key_index[i, : len(ks)] = ks
+            key_valid[i, : len(ks)] = True
+        dev = self.device
+        attn = PagedAttention(
+            self.cache, torch.cat(slots).to(dev), query_index.to(dev), query_valid.to(dev),
+            key_index.to(dev), key_valid.to(dev),
+        )
+        return (torch.tensor(ids, device=dev), torch.cat(positions).to(dev), attn, q_starts.tolist())
+
+    @torch.no_grad()
+    def run(self, plan: StepPlan) -> StepOutput:
+        start_time = time.perf_counter()
+        input_ids, positions, attn, q_starts = self._build(plan)
+        hidden = self.model(input_ids, positions, attn)
+        # Logit budget: rows for the queried positions only (shifted models read p - 1).
+        shift = 1 if self.spec.shift_logits else 0
+        rows, sizes = [], []
+        for item, base in zip(plan.items, q_starts):
+            rows.extend(base + max(p - shift, 0) - item.compute_start for p in item.query_positions)
+            sizes.append(len(item.query_positions))
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)]).float()
+        # The mask token is never a prediction: committing it would leave a position masked forever.
+        logits[:, self.spec.mask_token_id] = -torch.inf
+        decisions = {}
+        for item, part in zip(plan.items, torch.split(logits, sizes)):
+            r = item.request
+            unmasker = r.params.unmasker(r.threshold)
+            choice = unmasker.select(
+                part, step=r.step_in_block, num_masked_in_block=r.num_masked_at_block_start,
+                generator=self.generator_for(r),
+            )
+            commit = choice.commit.nonzero().squeeze(1).tolist()
+            tokens = choice.tokens.tolist()
+            decisions[r.request_id] = Decision(
+                tuple(item.query_positions[i] for i in commit), tuple(tokens[i] for i in commit)
+            )
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return StepOutput(decisions, time.perf_counter() - start_time)

@@ -1,0 +1,124 @@
+"""One object holds everything about a request; only the engine's update step changes it."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from dilaserve.engine.sampling_params import RequestCounters, SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # queued, no pages
+    RUNNING = "running"  # has pages, decoding
+    FINISHED = "finished"  # done (eos, length, stop, abort, error); pages returned
+
+    # Allowed transitions; anything else is a bug.
+    def can_become(self, other: "RequestStatus") -> bool:
+        return other in _TRANSITIONS[self]
+
+
+_TRANSITIONS = {
+    RequestStatus.WAITING: {RequestStatus.RUNNING, RequestStatus.FINISHED},
+    RequestStatus.RUNNING: {RequestStatus.WAITING, RequestStatus.FINISHED},  # WAITING = preempted
+    RequestStatus.FINISHED: set(),
+}
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    mask_id: int
+    stop_ids: frozenset[int]
+    arrival_s: float
+    deadline_s: float | None = None
+    status: RequestStatus = RequestStatus.WAITING
+    # The canvas: prompt then max_tokens positions, mask_id where not yet committed.
+    canvas: list[int] = field(default_factory=list)
+    block_idx: int = 0
+    step_in_block: int = 0
+    num_masked_at_block_start: int = 0
+    # Highest position committed since the last refresh (its cached k, v are stale): a dual
+    # cache reuse step recomputes the block up to here.
+    dirty_until: int = -1
+    has_cache: bool = False  # the KV pages hold this request's refreshed keys and values
+    threshold: float | None = None  # current threshold (load control may lower it)
+    num_emitted: int = 0  # generated tokens already streamed
+    pages: list[int] = field(default_factory=list)
+    counters: RequestCounters = field(default_factory=RequestCounters)
+    finish_reason: str | None = None
+    first_token_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.canvas:
+            self.canvas = list(self.prompt_ids) + [self.mask_id] * self.params.max_tokens
+        if self.threshold is None:
+            self.threshold = self.params.threshold
+        self.num_masked_at_block_start = self.block_end - self.block_start
+
+    def set_status(self, status: RequestStatus) -> None:
+        if not self.status.can_become(status):
+            raise RuntimeError(f"request {self.request_id}: {self.status.value} -> {status.value} is not allowed")
+        self.status = status
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.canvas)
+
+    @property
+    def block_start(self) -> int:
+        return self.prompt_len + self.block_idx * self.params.block_size
+
+    @property
+    def block_end(self) -> int:
+        return min(self.block_start + self.params.block_size, self.seq_len)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def masked_in_block(self) -> list[int]:
+        return [p for p in range(self.block_start, self.block_end) if self.canvas[p] == self.mask_id]
+
+    def num_masked_remaining(self) -> int:
+        return sum(1 for t in self.canvas[self.block_start:] if t == self.mask_id)
+
+    def commit(self, positions: list[int], tokens: list[int]) -> None:
+        for p, t in zip(positions, tokens):
+            self.canvas[p] = t
+        if positions:
+            self.dirty_until = max(self.dirty_until, max(positions))
+        self.counters.num_tokens_decided += len(positions)
+
+    def advance_block_if_done(self) -> None:
+        """Moves to the next block once the current one has no masked position."""
+        self.step_in_block += 1
+        while self.block_end < self.seq_len and not self.masked_in_block():
+            self.block_idx += 1
+            self.step_in_block = 0
+            self.num_masked_at_block_start = len(self.masked_in_block())
+            self.dirty_until = -1
+
+    def take_new_tokens(self) -> list[int]:
+        """Tokens now streamable: committed, with every earlier position committed, up to a
+        stop token. Sets ``finish_reason`` when the request is complete."""
+        start = self.prompt_len + self.num_emitted
+        new: list[int] = []
+        for pos in range(start, self.seq_len):
+            token = self.canvas[pos]
+            if token == self.mask_id:
+                break
+            if token in self.stop_ids:
+                self.finish_reason = "eos"
+                break
+            new.append(token)
+        self.num_emitted += len(new)
+        if self.finish_reason is None and self.prompt_len + self.num_emitted == self.seq_len:
+            self.finish_reason = "length"
+        return new

@@ -1,0 +1,138 @@
+"""Per-request decoding settings, validated once when a request is added."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from dilaserve.errors import InvalidRequestError
+from dilaserve.generation.unmasking import DREAM_ALGORITHMS, REMASKING, Unmasker, make_unmasker
+
+CACHE_MODES = ("none", "prefix", "dual")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request decodes. Lengths are in tokens; ``threshold`` is a probability.
+
+    ``steps`` set: LLaDA's fixed-steps schedule (forwards over all blocks). Otherwise
+    confidence-threshold unmasking at ``threshold``, or at the engine's default threshold
+    (which operators can change live) when ``threshold`` is None.
+    """
+
+    max_tokens: int = 128  # generated positions; the last block may be shorter than block_size
+    block_size: int = 32
+    threshold: float | None = None
+    steps: int | None = None
+    algorithm: str = "llada"  # or a Dream algorithm (origin, maskgit_plus, topk_margin, entropy)
+    remasking: str = "low_confidence"
+    temperature: float = 0.0
+    top_p: float | None = None
+    top_k: int | None = None
+    # Chunked decoding (Optimus): a step queries the first c still-masked positions of the block.
+    # chunk_size fixes c; otherwise the engine's chunk controller picks c in [min_chunk, max_chunk].
+    chunk_size: int | None = None
+    min_chunk: int = 1
+    max_chunk: int | None = None  # default: block_size
+    cache: str = "dual"
+    refresh_interval: int = 0  # refresh on every N-th step of a block (0: only at block start)
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()  # in addition to the model's end-of-sequence id
+    seed: int | None = None
+    # Load control: the engine may lower this request's threshold down to this floor when it
+    # runs late (None: never lower it).
+    threshold_floor: float | None = None
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.max_tokens // self.block_size)
+
+    @property
+    def decodes_whole_blocks(self) -> bool:
+        """Fixed-steps and Dream schedules count over the whole block: no chunking."""
+        return self.steps is not None or self.algorithm in DREAM_ALGORITHMS
+
+    @property
+    def chunk_bounds(self) -> tuple[int, int]:
+        if self.decodes_whole_blocks:
+            return self.block_size, self.block_size
+        if self.chunk_size is not None:
+            return self.chunk_size, self.chunk_size
+        return self.min_chunk, self.max_chunk or self.block_size
+
+    def validate(self) -> None:
+        """Raises InvalidRequestError naming the first bad field."""
+        if self.max_tokens < 1:
+            raise InvalidRequestError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.block_size < 1:
+            raise InvalidRequestError(f"block_size must be >= 1, got {self.block_size}")
+        if self.cache not in CACHE_MODES:
+            raise InvalidRequestError(f"cache must be one of {CACHE_MODES}, got {self.cache!r}")
+        if self.refresh_interval < 0:
+            raise InvalidRequestError(f"refresh_interval must be >= 0, got {self.refresh_interval}")
+        if self.algorithm not in ("llada", *DREAM_ALGORITHMS):
+            raise InvalidRequestError(
+                f"unknown unmasking algorithm {self.algorithm!r}; known: llada, {', '.join(DREAM_ALGORITHMS)}"
+            )
+        if self.remasking not in REMASKING:
+            raise InvalidRequestError(f"remasking must be one of {REMASKING}, got {self.remasking!r}")
+        if self.steps is not None:
+            if self.steps < 1:
+                raise InvalidRequestError(f"steps must be >= 1, got {self.steps}")
+            if self.steps % self.num_blocks:
+                raise InvalidRequestError(f"steps {self.steps} is not divisible by the number of blocks {self.num_blocks}")
+        if self.threshold is not None and not (0.0 < self.threshold <= 1.0):
+            raise InvalidRequestError(f"threshold must be in (0, 1], got {self.threshold}")
+        if self.threshold_floor is not None and not (0.0 < self.threshold_floor <= 1.0):
+            raise InvalidRequestError(f"threshold_floor must be in (0, 1], got {self.threshold_floor}")
+        if self.temperature < 0 or not math.isfinite(self.temperature):
+            raise InvalidRequestError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if self.top_p is not None and not (0.0 < self.top_p <= 1.0):
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 1:
+            raise InvalidRequestError(f"top_k must be >= 1, got {self.top_k}")
+        asked = (self.chunk_size, self.chunk_size) if self.chunk_size is not None else (
+            self.min_chunk, self.max_chunk or self.block_size)
+        if not (1 <= asked[0] <= asked[1] <= self.block_size):
+            raise InvalidRequestError(
+                f"chunk size bounds [{asked[0]}, {asked[1]}] must lie within 1..block_size ({self.block_size})"
+            )
+        if self.decodes_whole_blocks and (self.chunk_size or self.max_chunk or self.block_size) != self.block_size:
+            raise InvalidRequestError("fixed-steps and Dream schedules decode whole blocks: chunk size must equal block_size")
+        if any(not s for s in self.stop):
+            raise InvalidRequestError("stop strings must be non-empty")
+        self.unmasker(self.threshold if self.threshold is not None else 1.0)  # the strategy's own checks
+
+    def unmasker(self, threshold: float | None) -> Unmasker:
+        """The strategy for this request at ``threshold`` (which load control may lower)."""
+        steps_per_block = None if self.steps is None else self.steps // self.num_blocks
+        return make_unmasker(
+            algorithm=self.algorithm, threshold=None if self.steps is not None else threshold,
+            steps_per_block=steps_per_block, temperature=self.temperature, remasking=self.remasking,
+            top_p=self.top_p, top_k=self.top_k,
+        )
+
+
+@dataclass
+class RequestCounters:
+    """What one request cost; summed per engine they feed the cost model."""
+
+    num_steps: int = 0  # forwards the request took part in
+    num_refresh_steps: int = 0
+    num_tokens_computed: int = 0  # token-forwards spent on it
+    num_tokens_decided: int = 0  # positions committed
+    num_threshold_lowerings: int = 0
+
+
+@dataclass
+class RequestOutput:
+    """One update of a request's stream. ``new_token_ids`` continue the text in order."""
+
+    request_id: str
+    new_token_ids: list[int]
+    token_ids: list[int]  # everything emitted so far
+    finished: bool = False
+    finish_reason: str | None = None  # "eos", "length", "stop", "abort", "error"
+    num_prompt_tokens: int = 0
+    counters: RequestCounters = field(default_factory=RequestCounters)
+    error: str | None = None

@@ -1,0 +1,54 @@
+"""Paged KV cache storage and the attention backend that reads it (pure-torch path).
+
+Keys and values live in a pool of token slots ``[num_slots, kv_heads, head_dim]`` per layer,
+handed out in pages. For a packed step, each token's new k, v are written to its slot; then
+each request's queries attend to all slots of its sequence (gathered through its page table).
+The GPU kernel in ``kernels/`` computes the same function without the gather.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dilaserve.models.attention import padded_attention
+
+
+class PagedKVCache:
+    def __init__(self, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (num_pages * page_size, num_kv_heads, head_dim)
+        self.page_size = page_size
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    @staticmethod
+    def bytes_per_page(num_layers: int, page_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * page_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass
+class PagedAttention:
+    """Backend for one packed step over many requests.
+
+    slot_mapping [N]: where each packed token's k, v go. query_index [R, Qmax] / query_valid:
+    packed rows of each request's queries (padded). key_slots [R, Lmax] / key_valid: the slots of
+    each request's whole sequence, in position order (padded).
+    """
+
+    cache: PagedKVCache
+    slot_mapping: torch.Tensor
+    query_index: torch.Tensor
+    query_valid: torch.Tensor
+    key_slots: torch.Tensor
+    key_valid: torch.Tensor
+
+    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_pool, v_pool = self.cache.k[layer_idx], self.cache.v[layer_idx]
+        k_pool[self.slot_mapping] = k
+        v_pool[self.slot_mapping] = v
+        out = padded_attention(
+            q[self.query_index], k_pool[self.key_slots], v_pool[self.key_slots], self.key_valid.unsqueeze(1)
+        )
+        return out[self.query_valid]
