@@ -8,7 +8,7 @@ import torch
 from dilaserve.models.checkpoint import make_random_checkpoint
 from dilaserve.models.registry import load_model
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # 2 cores shared with Ray workers: oversubscribed OpenMP threads spin
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ import torch
 
 from dilaserve.engine.plan import Decision, StepOutput, StepPlan
 from dilaserve.engine.request import Request
+from dilaserve.generation.unmasking import choose_tokens, is_greedy_llada
 from dilaserve.models.base import DiffusionLM
 from dilaserve.models.paged_attention import PagedAttention, PagedKVCache
 
@@ -30,6 +31,7 @@ class ModelRunner:
             self.dtype, self.device,
         )
         self._generators: dict[str, torch.Generator] = {}
+        self._slot_maps: dict[str, torch.Tensor] = {}
 
     def generator_for(self, request: Request) -> torch.Generator:
         gen = self._generators.get(request.request_id)
@@ -40,20 +42,27 @@ class ModelRunner:
 
     def release(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
+        self._slot_maps.pop(request_id, None)
 
-    def _slots(self, request: Request, start: int, end: int) -> torch.Tensor:
-        pos = torch.arange(start, end)
-        pages = torch.tensor(request.pages)
-        return pages[pos // self.page_size] * self.page_size + pos % self.page_size
+    def slot_map(self, request: Request) -> torch.Tensor:
+        """Physical KV slot of every position of the request (its pages never change)."""
+        slots = self._slot_maps.get(request.request_id)
+        if slots is None:
+            pos = torch.arange(request.seq_len)
+            pages = torch.tensor(request.pages)
+            slots = pages[pos // self.page_size] * self.page_size + pos % self.page_size
+            self._slot_maps[request.request_id] = slots
+        return slots
 
     def _build(self, plan: StepPlan):
         ids, positions, slots, key_slots, q_counts = [], [], [], [], []
         for item in plan.items:
             r = item.request
+            all_slots = self.slot_map(r)
             ids.extend(r.canvas[item.compute_start:item.compute_end])
             positions.append(torch.arange(item.compute_start, item.compute_end))
-            slots.append(self._slots(r, item.compute_start, item.compute_end))
-            key_slots.append(self._slots(r, 0, r.seq_len))
+            slots.append(all_slots[item.compute_start:item.compute_end])
+            key_slots.append(all_slots)
             q_counts.append(item.num_tokens)
         num_req = len(plan.items)
         q_max, l_max = max(q_counts), max(len(k) for k in key_slots)
@@ -88,14 +97,28 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)]).float()
         # The mask token is never a prediction: committing it would leave a position masked forever.
         logits[:, self.spec.mask_token_id] = -torch.inf
+        unmaskers = [item.request.params.unmasker(item.request.threshold) for item in plan.items]
+        # Greedy LLaDA-style rows share one argmax / softmax pass; the rest choose per request.
+        greedy = [is_greedy_llada(u) for u in unmaskers]
+        shared = None
+        if any(greedy):
+            keep = torch.cat([torch.full((n,), g, dtype=torch.bool) for n, g in zip(sizes, greedy)]).to(self.device)
+            tokens_all, conf_all = choose_tokens(logits[keep], 0.0, "low_confidence", None)
+            shared = iter(zip(torch.split(tokens_all, [n for n, g in zip(sizes, greedy) if g]),
+                              torch.split(conf_all, [n for n, g in zip(sizes, greedy) if g])))
         decisions = {}
-        for item, part in zip(plan.items, torch.split(logits, sizes)):
+        for item, part, unmasker, is_greedy in zip(plan.items, torch.split(logits, sizes), unmaskers, greedy):
             r = item.request
-            unmasker = r.params.unmasker(r.threshold)
-            choice = unmasker.select(
-                part, step=r.step_in_block, num_masked_in_block=r.num_masked_at_block_start,
-                generator=self.generator_for(r),
-            )
+            if is_greedy:
+                tokens, confidence = next(shared)
+                choice = unmasker.select_chosen(
+                    tokens, confidence, step=r.step_in_block, num_masked_in_block=r.num_masked_at_block_start
+                )
+            else:
+                choice = unmasker.select(
+                    part, step=r.step_in_block, num_masked_in_block=r.num_masked_at_block_start,
+                    generator=self.generator_for(r),
+                )
             commit = choice.commit.nonzero().squeeze(1).tolist()
             tokens = choice.tokens.tolist()
             decisions[r.request_id] = Decision(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from dilaserve.engine.request import Request
 
@@ -28,22 +28,21 @@ class ScheduledRequest:
         return self.compute_end - self.compute_start
 
 
-@dataclass
 class StepPlan:
-    items: list[ScheduledRequest] = field(default_factory=list)
+    """The requests of one step, with running totals the scheduler checks budgets against."""
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(i.num_tokens for i in self.items)
+    def __init__(self) -> None:
+        self.items: list[ScheduledRequest] = []
+        self.num_tokens = 0
+        self.num_refresh_tokens = 0
+        self.num_context_tokens = 0  # keys and values read: each request attends its whole sequence
 
-    @property
-    def num_refresh_tokens(self) -> int:
-        return sum(i.num_tokens for i in self.items if i.is_refresh)
-
-    @property
-    def num_context_tokens(self) -> int:
-        """Keys and values read: every computed token attends to its whole sequence."""
-        return sum(i.request.seq_len for i in self.items)
+    def add(self, item: ScheduledRequest) -> None:
+        self.items.append(item)
+        self.num_tokens += item.num_tokens
+        self.num_context_tokens += item.request.seq_len
+        if item.is_refresh:
+            self.num_refresh_tokens += item.num_tokens
 
     def __bool__(self) -> bool:
         return bool(self.items)

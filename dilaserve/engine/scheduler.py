@@ -88,7 +88,7 @@ class Scheduler:
         for request in self.running:
             item = self._item(request, chunks[request.request_id])
             if self._fits(plan, item):
-                plan.items.append(item)
+                plan.add(item)
         ordered = sorted(self.waiting, key=self._urgency)
         for request in ordered:
             if len(self.running) >= self.config.max_running or not self.allocator.can_allocate(request.seq_len):
@@ -100,7 +100,7 @@ class Scheduler:
             request.set_status(RequestStatus.RUNNING)
             self.waiting.remove(request)
             self.running.append(request)
-            plan.items.append(item)
+            plan.add(item)
         return plan
 
     # -- applying a step's results --------------------------------------------------------

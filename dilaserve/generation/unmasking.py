@@ -73,6 +73,13 @@ def choose_tokens(
     return tokens, confidence
 
 
+def is_greedy_llada(unmasker: Unmasker) -> bool:
+    """Strategies whose token choice is a plain row-wise argmax + softmax confidence, so a
+    batch of requests can share one pass (``choose_tokens`` on all their rows at once)."""
+    return (isinstance(unmasker, (ThresholdUnmasker, FixedStepsUnmasker)) and unmasker.temperature == 0
+            and unmasker.remasking == "low_confidence")
+
+
 def fixed_schedule(num_masked: int, steps: int) -> list[int]:
     """LLaDA's get_num_transfer_tokens for one request: even split, remainder first."""
     base, rem = divmod(num_masked, steps)
@@ -94,6 +101,9 @@ class ThresholdUnmasker:
 
     def select(self, logits, *, step, num_masked_in_block, generator):
         tokens, confidence = choose_tokens(logits, self.temperature, self.remasking, generator)
+        return self.select_chosen(tokens, confidence, step=step, num_masked_in_block=num_masked_in_block)
+
+    def select_chosen(self, tokens, confidence, *, step, num_masked_in_block):
         commit = confidence >= self.threshold
         commit[confidence.argmax()] = True
         return Selection(commit, tokens)
@@ -110,6 +120,9 @@ class FixedStepsUnmasker:
 
     def select(self, logits, *, step, num_masked_in_block, generator):
         tokens, confidence = choose_tokens(logits, self.temperature, self.remasking, generator)
+        return self.select_chosen(tokens, confidence, step=step, num_masked_in_block=num_masked_in_block)
+
+    def select_chosen(self, tokens, confidence, *, step, num_masked_in_block):
         schedule = fixed_schedule(num_masked_in_block, self.steps_per_block)
         k = schedule[step] if step < len(schedule) else confidence.numel()
         return Selection(_top(confidence, k), tokens)

@@ -47,7 +47,9 @@ def padded_attention(
     qh = q.transpose(1, 2)
     kh = _expand_kv(k.transpose(1, 2), num_heads)
     vh = _expand_kv(v.transpose(1, 2), num_heads)
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=key_mask.unsqueeze(1))
+    # An all-visible mask is dropped: SDPA then takes its fused path instead of the masked one.
+    mask = None if bool(key_mask.all()) else key_mask.unsqueeze(1)
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
     return out.transpose(1, 2)
 
 

@@ -26,12 +26,24 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(dtype)
 
 
+_ROTARY_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, [N, 1, head_dim] in float32, for absolute positions [N]."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq
-    angles = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
-    return angles.cos(), angles.sin()
+    """cos and sin, [N, 1, head_dim] in float32, for absolute positions [N].
+
+    Read from a table per (device, head_dim, theta) that grows to the longest position seen,
+    so a step does no trigonometry."""
+    key = (positions.device, head_dim, theta)
+    needed = int(positions.max()) + 1 if positions.numel() else 1
+    table = _ROTARY_TABLES.get(key)
+    if table is None or table[0].shape[0] < needed:
+        length = max(needed, 4096)
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+        freqs = torch.arange(length, device=positions.device, dtype=torch.float32).unsqueeze(-1) * inv_freq
+        angles = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
+        table = _ROTARY_TABLES[key] = (angles.cos(), angles.sin())
+    return table[0][positions], table[1][positions]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
