@@ -9,7 +9,7 @@ import sys
 
 from dilaserve.errors import DiLaServeError
 
-SUBCOMMANDS = ("generate", "init-model")
+SUBCOMMANDS = ("generate", "init-model", "replay")
 
 
 def build_parser() -> argparse.ArgumentParser:
