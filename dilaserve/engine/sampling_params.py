@@ -5,8 +5,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from typing import TYPE_CHECKING
+
 from dilaserve.errors import InvalidRequestError
-from dilaserve.generation.unmasking import DREAM_ALGORITHMS, REMASKING, Unmasker, make_unmasker
+from dilaserve.generation.names import DREAM_ALGORITHMS, REMASKING
+
+if TYPE_CHECKING:
+    from dilaserve.generation.unmasking import Unmasker
 
 CACHE_MODES = ("none", "prefix", "dual")
 
@@ -101,10 +106,11 @@ class SamplingParams:
             raise InvalidRequestError("fixed-steps and Dream schedules decode whole blocks: chunk size must equal block_size")
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop strings must be non-empty")
-        self.unmasker(self.threshold if self.threshold is not None else 1.0)  # the strategy's own checks
 
-    def unmasker(self, threshold: float | None) -> Unmasker:
+    def unmasker(self, threshold: float | None) -> "Unmasker":
         """The strategy for this request at ``threshold`` (which load control may lower)."""
+        from dilaserve.generation.unmasking import make_unmasker
+
         steps_per_block = None if self.steps is None else self.steps // self.num_blocks
         return make_unmasker(
             algorithm=self.algorithm, threshold=None if self.steps is not None else threshold,

@@ -26,8 +26,7 @@ import torch.nn.functional as F
 
 from dilaserve.errors import InvalidRequestError
 
-DREAM_ALGORITHMS = ("origin", "maskgit_plus", "topk_margin", "entropy")
-REMASKING = ("low_confidence", "random")
+from dilaserve.generation.names import DREAM_ALGORITHMS, REMASKING
 
 
 @dataclass(frozen=True)
