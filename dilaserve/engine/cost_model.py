@@ -103,3 +103,34 @@ def batch_work_s(cost: StepCost, works: list[Work]) -> float:
         return 0.0
     return (cost.fixed_s * max(w.steps for w in works) + cost.per_token_s * sum(w.tokens for w in works)
             + cost.per_context_s * sum(w.context_tokens for w in works))
+
+
+class TokensPerStepEstimator:
+    """Tokens decided per step for each threshold, learned from the engine's own steps.
+
+    Until a threshold has ``min_samples`` observations the prior (``expected_tokens_per_step``)
+    answers; measured profiles can seed it through ``seed``.
+    """
+
+    def __init__(self, min_samples: int = 32):
+        self.min_samples = min_samples
+        self._sums: dict[float, list[float]] = {}
+
+    @staticmethod
+    def _key(threshold: float) -> float:
+        return round(threshold, 3)
+
+    def seed(self, threshold: float, tokens_per_step: float, weight: int = 1000) -> None:
+        self._sums[self._key(threshold)] = [tokens_per_step * weight, float(weight)]
+
+    def observe(self, threshold: float, decided: int) -> None:
+        entry = self._sums.setdefault(self._key(threshold), [0.0, 0.0])
+        entry[0] += decided
+        entry[1] += 1
+
+    def estimate(self, threshold: float | None, block_size: int) -> float:
+        if threshold is not None:
+            entry = self._sums.get(self._key(threshold))
+            if entry and entry[1] >= self.min_samples:
+                return max(1.0, entry[0] / entry[1])
+        return expected_tokens_per_step(threshold, block_size, None)

@@ -17,8 +17,11 @@ import torch
 
 from dilaserve.engine.chunk_control import make_chunk_controller
 from dilaserve.engine.config import EngineConfig
-from dilaserve.engine.cost_model import OnlineCostModel, Work, batch_work_s, expected_tokens_per_step, request_work, work_s
+from dilaserve.engine.cost_model import (
+    OnlineCostModel, TokensPerStepEstimator, Work, batch_work_s, request_work, work_s,
+)
 from dilaserve.engine.kv_pages import PageAllocator
+from dilaserve.engine.load_control import LoadControl
 from dilaserve.engine.model_runner import ModelRunner
 from dilaserve.engine.request import Request
 from dilaserve.engine.sampling_params import RequestOutput, SamplingParams
@@ -49,6 +52,9 @@ class Engine:
         self.allocator = PageAllocator(num_pages, self.config.page_size)
         self.runner = ModelRunner(model, num_pages, self.config.page_size)
         self.cost = OnlineCostModel()
+        self.tokens_per_step_estimate = TokensPerStepEstimator()
+        self.load_control = LoadControl(self.config.threshold_step, clock, self._remaining_steps) \
+            if self.config.load_control else None
         self.scheduler = Scheduler(
             self.config, self.allocator, make_chunk_controller(self.config.chunk_control),
             self.spec.shift_logits, clock, self._remaining_s,
@@ -58,7 +64,7 @@ class Engine:
         self._num_waiting_hint = 0
         self.default_threshold = self.config.default_threshold
         self.max_waiting = self.config.max_waiting
-        self._recent_steps: deque[tuple[float, int, int]] = deque(maxlen=64)  # (time, decided, requests)
+        self._recent_steps: deque[tuple[float, int, int, float]] = deque(maxlen=64)  # (time, decided, requests, seconds)
         self.num_finished = 0
 
     # -- intake -------------------------------------------------------------------------
@@ -122,14 +128,20 @@ class Engine:
     # -- the step -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         outputs = self._drain_inbox()
+        if self.load_control is not None and self._recent_steps:
+            self.load_control.apply(self.scheduler.running, self._step_s())
         plan = self.scheduler.schedule()
         if not plan:
             return outputs
         result = self.runner.run(plan)
         self.cost.observe(plan.num_tokens, plan.num_context_tokens, result.elapsed_s)
+        for item in plan.items:
+            if item.request.params.steps is None and item.request.threshold is not None:
+                decision = result.decisions[item.request.request_id]
+                self.tokens_per_step_estimate.observe(item.request.threshold, len(decision.positions))
         updates = self.scheduler.update(plan, result)
         decided = sum(len(d.positions) for d in result.decisions.values())
-        self._recent_steps.append((self.clock(), decided, len(plan.items)))
+        self._recent_steps.append((self.clock(), decided, len(plan.items), result.elapsed_s))
         for request, new_tokens in updates:
             if request.is_finished:
                 self.runner.release(request.request_id)
@@ -146,13 +158,17 @@ class Engine:
 
     # -- statistics and predictions --------------------------------------------------------
     def tokens_per_step(self, params: SamplingParams, threshold: float | None) -> float:
-        steps_per_block = None if params.steps is None else params.steps // params.num_blocks
-        prior = expected_tokens_per_step(threshold, params.block_size, steps_per_block)
-        if steps_per_block or not self._recent_steps:
-            return prior
-        decided = sum(d for _, d, _ in self._recent_steps)
-        slots = sum(n for _, _, n in self._recent_steps)
-        return max(1.0, decided / slots) if slots else prior
+        if params.steps is not None:
+            return max(params.block_size / (params.steps // params.num_blocks), 1.0)
+        return self.tokens_per_step_estimate.estimate(threshold, params.block_size)
+
+    def _step_s(self) -> float:
+        """Mean seconds of the recent steps (the current batch's step time)."""
+        return sum(s for *_, s in self._recent_steps) / len(self._recent_steps)
+
+    def _remaining_steps(self, request: Request, threshold: float) -> float:
+        return request_work(request.seq_len, request.num_masked_remaining(), request.params.block_size,
+                            self.tokens_per_step(request.params, threshold), request.params.cache).steps
 
     def predict_latency_s(self, prompt_len: int, params: SamplingParams, threshold: float | None = None) -> float:
         """Predicted seconds for such a request alone on an idle engine."""
@@ -184,7 +200,7 @@ class Engine:
     def stats(self) -> EngineStats:
         steps = list(self._recent_steps)
         span = steps[-1][0] - steps[0][0] if len(steps) > 1 else 0.0
-        slots = sum(n for _, _, n in steps)
+        slots = sum(n for _, _, n, _ in steps)
         return EngineStats(
             num_waiting=self.num_waiting(),
             num_running=len(self.scheduler.running),
@@ -192,8 +208,9 @@ class Engine:
             pages_free=self.allocator.num_free,
             pages_total=self.allocator.num_pages,
             steps_per_s=(len(steps) - 1) / span if span > 0 else 0.0,
-            tokens_decided_per_step=sum(d for _, d, _ in steps) / slots if slots else 0.0,
+            tokens_decided_per_step=sum(d for _, d, _, _ in steps) / slots if slots else 0.0,
             predicted_backlog_s=self.backlog_s(),
             threshold_default=self.default_threshold,
             num_finished=self.num_finished,
+            num_threshold_lowerings=self.load_control.num_lowerings if self.load_control else 0,
         )
