@@ -11,3 +11,7 @@ class CheckpointError(DiLaServeError):
 
 class InvalidRequestError(DiLaServeError):
     """A request or generation setting is invalid (maps to HTTP 400)."""
+
+
+class QueueFullError(InvalidRequestError):
+    """The replica's waiting queue is full: retry later or elsewhere (maps to HTTP 429)."""

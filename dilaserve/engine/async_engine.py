@@ -95,6 +95,13 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
+    def check_health(self) -> None:
+        """Raises if the step loop has died (the serving layer then replaces this replica)."""
+        if self._error is not None:
+            raise RuntimeError(f"the engine loop failed: {self._error}")
+        if self._task is not None and self._task.done():
+            raise RuntimeError("the engine loop has stopped")
+
     def predict_latency_s(self, prompt_len: int, params: SamplingParams, threshold: float | None = None) -> float:
         return self.engine.predict_latency_s(prompt_len, params, threshold)
 

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 
 import torch
 
@@ -27,7 +28,7 @@ from dilaserve.engine.request import Request
 from dilaserve.engine.sampling_params import RequestOutput, SamplingParams
 from dilaserve.engine.scheduler import Scheduler
 from dilaserve.engine.stats import EngineStats
-from dilaserve.errors import InvalidRequestError
+from dilaserve.errors import InvalidRequestError, QueueFullError
 from dilaserve.models.base import DiffusionLM
 from dilaserve.models.paged_attention import PagedKVCache
 
@@ -64,7 +65,7 @@ class Engine:
         self._num_waiting_hint = 0
         self.default_threshold = self.config.default_threshold
         self.max_waiting = self.config.max_waiting
-        self._recent_steps: deque[tuple[float, int, int, float]] = deque(maxlen=64)  # (time, decided, requests, seconds)
+        self._recent_steps: deque[StepRecord] = deque(maxlen=64)
         self.num_finished = 0
 
     # -- intake -------------------------------------------------------------------------
@@ -88,7 +89,7 @@ class Engine:
                 f"the request needs {seq_len} tokens of KV cache; this replica holds {self.allocator.num_pages * self.allocator.page_size}"
             )
         if self.num_waiting() >= self.max_waiting:
-            raise InvalidRequestError(f"the waiting queue is full ({self.max_waiting} requests)")
+            raise QueueFullError(f"the waiting queue is full ({self.max_waiting} requests)")
         stop_ids = frozenset({self.spec.eos_token_id, *params.stop_token_ids})
         threshold = params.threshold if params.threshold is not None else self.default_threshold
         return Request(
@@ -141,7 +142,9 @@ class Engine:
                 self.tokens_per_step_estimate.observe(item.request.threshold, len(decision.positions))
         updates = self.scheduler.update(plan, result)
         decided = sum(len(d.positions) for d in result.decisions.values())
-        self._recent_steps.append((self.clock(), decided, len(plan.items), result.elapsed_s))
+        self._recent_steps.append(StepRecord(
+            self.clock(), decided, len(plan.items), result.elapsed_s, sum(i.chunk for i in plan.items)
+        ))
         for request, new_tokens in updates:
             if request.is_finished:
                 self.runner.release(request.request_id)
@@ -164,7 +167,7 @@ class Engine:
 
     def _step_s(self) -> float:
         """Mean seconds of the recent steps (the current batch's step time)."""
-        return sum(s for *_, s in self._recent_steps) / len(self._recent_steps)
+        return sum(s.seconds for s in self._recent_steps) / len(self._recent_steps)
 
     def _remaining_steps(self, request: Request, threshold: float) -> float:
         return request_work(request.seq_len, request.num_masked_remaining(), request.params.block_size,
@@ -199,8 +202,8 @@ class Engine:
 
     def stats(self) -> EngineStats:
         steps = list(self._recent_steps)
-        span = steps[-1][0] - steps[0][0] if len(steps) > 1 else 0.0
-        slots = sum(n for _, _, n, _ in steps)
+        span = steps[-1].time - steps[0].time if len(steps) > 1 else 0.0
+        slots = sum(s.num_requests for s in steps)
         return EngineStats(
             num_waiting=self.num_waiting(),
             num_running=len(self.scheduler.running),
@@ -208,9 +211,19 @@ class Engine:
             pages_free=self.allocator.num_free,
             pages_total=self.allocator.num_pages,
             steps_per_s=(len(steps) - 1) / span if span > 0 else 0.0,
-            tokens_decided_per_step=sum(d for _, d, _, _ in steps) / slots if slots else 0.0,
+            tokens_decided_per_step=sum(s.num_decided for s in steps) / slots if slots else 0.0,
             predicted_backlog_s=self.backlog_s(),
             threshold_default=self.default_threshold,
             num_finished=self.num_finished,
             num_threshold_lowerings=self.load_control.num_lowerings if self.load_control else 0,
+            mean_chunk_size=sum(s.chunk_sum for s in steps) / slots if slots else 0.0,
         )
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    time: float
+    num_decided: int
+    num_requests: int
+    seconds: float
+    chunk_sum: int

@@ -19,3 +19,4 @@ class EngineStats:
     threshold_default: float | None = None
     num_finished: int = 0
     num_threshold_lowerings: int = 0
+    mean_chunk_size: float = 0.0  # positions queried per request and step, recently

@@ -1,0 +1,62 @@
+"""The GPU fast path: Triton kernels behind the model runner's two hooks.
+
+- attention: ``TritonPagedAttention`` takes the same constructor arguments and call as the
+  pure-torch ``PagedAttention`` backend and computes the same function without gathering each
+  request's keys into a padded tensor.
+- logit budget: ``greedy_choices`` returns (argmax token, its softmax probability) for the
+  queried rows straight from the LM head, never forming [rows, vocab] logits.
+
+``select_fast_path`` picks it for a CUDA device when triton imports; everything else (CPU,
+no triton, ``kernels="torch"``) stays on the reference path. Importing this package does not
+import triton.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+KERNEL_CHOICES = ("auto", "torch", "triton")
+
+
+@dataclass(frozen=True)
+class FastPath:
+    attention: type  # an attention backend class with PagedAttention's constructor and call
+    greedy_choices: Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def select_fast_path(device: torch.device, kernels: str = "auto") -> FastPath | None:
+    """The Triton path for ``device``, or None for the reference path.
+
+    ``kernels``: "auto" (Triton on CUDA when it imports), "torch" (never), "triton" (always;
+    an error where it cannot run; on CPU it runs only in Triton's interpreter, for tests)."""
+    if kernels not in KERNEL_CHOICES:
+        raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
+    if kernels == "torch":
+        return None
+    on_device = device.type == "cuda" or (kernels == "triton" and _interpreting())
+    if not (on_device and triton_available()):
+        if kernels == "triton":
+            raise RuntimeError(f"Triton kernels need a CUDA device and the triton package (device: {device})")
+        return None
+    from dilaserve.engine.gpu.attention import TritonPagedAttention
+    from dilaserve.engine.gpu.logits import greedy_choices
+
+    logger.info("using the Triton fast path on %s", device)
+    return FastPath(TritonPagedAttention, greedy_choices)
+
+
+def _interpreting() -> bool:
+    from kernels.interpreter import interpreting
+
+    return interpreting()

@@ -1,0 +1,92 @@
+"""Building and running the Serve application from a serving config.
+
+- ``build_app(config)``: the application: one ``Replica`` deployment per replica of every
+  variant (GPUs reserved per the variant; tensor parallel variants get a placement group of
+  one GPU bundle per rank), and the ``Ingress`` bound to handles of all of them.
+- ``app_builder(args)``: the import path for ``serve run`` / ``serve deploy``
+  (``dilaserve.serving.app:app_builder``); ``args`` hold ``config: <yaml path>`` or the config
+  itself inline.
+- ``run_local(config)``: what ``dilaserve serve`` does: connect to a running Ray instance or
+  start a small local one, start Serve's HTTP proxy on the configured host and port, deploy.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Mapping
+
+from ray import serve
+
+from dilaserve.serving.config import ServeConfig, VariantConfig, default_config, load_config, parse_config
+from dilaserve.serving.ingress import Ingress
+from dilaserve.serving.replica import Replica
+
+logger = logging.getLogger(__name__)
+
+
+def replica_options(variant: VariantConfig) -> dict[str, Any]:
+    """Serve deployment options of one replica of ``variant``."""
+    options: dict[str, Any] = {"num_replicas": 1, "max_ongoing_requests": variant.max_ongoing_requests}
+    cpus = variant.num_cpus_per_replica
+    if variant.tensor_parallel > 1:
+        # The replica actor holds rank 0's GPU; the engine places ranks 1.. in the other bundles.
+        gpus_per_rank = variant.num_gpus_per_replica / variant.tensor_parallel
+        options["ray_actor_options"] = {"num_cpus": cpus, "num_gpus": gpus_per_rank}
+        options["placement_group_bundles"] = [{"CPU": cpus, "GPU": gpus_per_rank}] + [
+            {"GPU": gpus_per_rank} for _ in range(variant.tensor_parallel - 1)
+        ]
+        options["placement_group_strategy"] = "STRICT_PACK"
+    else:
+        options["ray_actor_options"] = {"num_cpus": cpus, "num_gpus": variant.num_gpus_per_replica}
+    return options
+
+
+def build_app(config: ServeConfig) -> serve.Application:
+    max_waiting = config.admission.max_waiting if config.admission.enabled else None
+    handles = {
+        name: Replica.options(name=f"replica-{name}", **replica_options(variant)).bind(
+            name, config.model(variant.model), variant, max_waiting
+        )
+        for name, variant in config.replica_names()
+    }
+    ingress = Ingress.options(name="ingress", ray_actor_options={"num_cpus": config.http.ingress_num_cpus})
+    return ingress.bind(config, handles)
+
+
+def app_builder(args: Mapping[str, Any]) -> serve.Application:
+    """``serve run dilaserve.serving.app:app_builder config=examples/serve_cpu.yaml``."""
+    args = dict(args or {})
+    if "config" in args:
+        return build_app(load_config(args["config"]))
+    if args:
+        return build_app(parse_config(args, "application args"))
+    return build_app(default_config())
+
+
+def local_num_cpus(config: ServeConfig) -> int:
+    """Logical CPUs for a local Ray instance: what the deployments ask for, at least 2."""
+    wanted = config.http.ingress_num_cpus + sum(v.num_cpus_per_replica * v.num_replicas for v in config.variants)
+    return max(2, math.ceil(wanted))
+
+
+def run_local(config: ServeConfig, ray_address: str | None = None) -> tuple[str, bool]:
+    """Deploys ``config`` on a running Ray instance, or a new local one. Returns the base URL
+    and whether this call started Ray (then the caller owns its shutdown)."""
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        try:
+            ray.init(address=ray_address or "auto", logging_level=logging.WARNING)
+            logger.info("connected to the running Ray instance")
+        except ConnectionError:
+            if ray_address:
+                raise
+            ray.init(num_cpus=local_num_cpus(config), include_dashboard=False, logging_level=logging.WARNING)
+            started = True
+            logger.info("started a local Ray instance")
+    host, port = config.http.host, config.http.port
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(config), name=config.app_name, route_prefix="/")
+    return f"http://{host}:{port}", started

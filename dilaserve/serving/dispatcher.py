@@ -1,0 +1,165 @@
+"""From a validated request to a stream from one replica: deadline, admission, routing.
+
+Routing happens here, in the ingress, over one Serve deployment per replica, rather than in
+a Ray Serve ``RequestRouter`` (which Ray 2.60 offers, as an alpha API). Reasons:
+(1) admission must see every replica's predicted finish time for *this* request before any
+replica is chosen, and refuse with 429 when none fits; a ``RequestRouter`` can only pick among
+replicas, not refuse; (2) a ``RequestRouter`` sees replica state as periodically polled
+routing stats, while slack needs a fresh, per-request prediction (it depends on the prompt
+length, max_tokens and threshold); (3) abort, live threshold changes and per-replica stats
+must reach one particular replica, or every replica, which a handle to a multi-replica
+deployment cannot address. The cost is that scaling a variant means redeploying the
+application with more replica deployments (Serve applies that in place).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from dilaserve.engine.sampling_params import SamplingParams
+from dilaserve.serving.admission import Deadline, Prediction, SLODefaults, SLOTargets, assign_deadline, decide
+from dilaserve.serving.config import AdmissionConfig, RoutingConfig, SLOConfig
+from dilaserve.serving.messages import Chunk, Estimate, GenerateRequest
+from dilaserve.serving.openai_protocol import ApiError
+from dilaserve.serving.router import ReplicaLoad, make_router
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReplicaRef:
+    name: str
+    model: str
+    variant: str
+    handle: Any  # a Serve DeploymentHandle to the replica's deployment
+
+
+@dataclass
+class Dispatched:
+    """An admitted request, on its way back from one replica."""
+
+    replica: str
+    deadline: Deadline
+    accepted: Chunk
+    stream: Any  # DeploymentResponseGenerator of Chunk
+    estimate: Estimate
+
+    def __aiter__(self) -> AsyncIterator[Chunk]:
+        return self.stream.__aiter__()
+
+
+@dataclass
+class Dispatcher:
+    replicas: list[ReplicaRef]
+    routing: RoutingConfig
+    admission: AdmissionConfig
+    slo: SLOConfig
+    in_flight: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.router = make_router(self.routing.policy, self.routing.seed)
+        self.slo_defaults = SLODefaults(
+            self.slo.slo_scale,
+            None if self.slo.ttft_ms is None else self.slo.ttft_ms / 1e3,
+            None if self.slo.tpot_ms is None else self.slo.tpot_ms / 1e3,
+        )
+        self._background: set[asyncio.Task] = set()
+
+    def replicas_of(self, model: str) -> list[ReplicaRef]:
+        return [r for r in self.replicas if r.model == model]
+
+    async def estimates(self, model: str, prompt_len: int, params: SamplingParams) -> list[Estimate]:
+        refs = self.replicas_of(model)
+        timeout = self.routing.estimate_timeout_ms / 1e3
+        results = await asyncio.gather(
+            *(asyncio.wait_for(r.handle.estimate.remote(prompt_len, params), timeout) for r in refs),
+            return_exceptions=True,
+        )
+        ok = []
+        for ref, result in zip(refs, results):
+            if isinstance(result, BaseException):
+                logger.warning("replica %s gave no estimate: %r", ref.name, result)
+            else:
+                ok.append(result)
+        return ok
+
+    async def dispatch(
+        self, request_id: str, model: str, prompt_ids: list[int], params: SamplingParams, targets: SLOTargets,
+        *, is_best_effort: bool, arrival_s: float, arrival_unix_s: float,
+    ) -> Dispatched:
+        """Admits (or refuses with ApiError 429) and routes one request; returns its stream
+        once the replica has accepted it."""
+        estimates = await self.estimates(model, len(prompt_ids), params)
+        if not estimates:
+            raise ApiError(503, f"no replica of model {model!r} is available", type="service_unavailable",
+                           code="no_replica", headers={"Retry-After": "1"})
+        overhead_s = self.slo.overhead_ms / 1e3
+        # The typical replica's solo latency: a median is robust to one replica whose online
+        # cost model is off (they are fitted separately, and on a busy CPU they disagree).
+        solo_s = statistics.median(e.solo_s for e in estimates) + overhead_s
+        deadline = assign_deadline(targets, self.slo_defaults, solo_s, params.max_tokens)
+        remaining_s = deadline.budget_s - (time.monotonic() - arrival_s)
+        if self.admission.max_waiting is not None and self.admission.enabled and not is_best_effort:
+            estimates = [e for e in estimates if e.num_waiting < self.admission.max_waiting]
+            if not estimates:
+                raise ApiError(429, "every replica's waiting queue is full; retry later or set best_effort",
+                               type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+        at_floor = [Prediction(e.finish_at_floor_s + overhead_s, e.solo_at_floor_s + overhead_s) for e in estimates]
+        decision = decide(remaining_s, at_floor, is_enabled=self.admission.enabled, is_best_effort=is_best_effort)
+        if not decision.is_admitted:
+            raise ApiError(429, f"request refused: {decision.reason}; retry later, relax the deadline, lower "
+                           "quality_floor, or set best_effort", type="rate_limit_error", code="deadline_unattainable",
+                           headers={"Retry-After": str(decision.retry_after_s)})
+        by_name = {e.replica: e for e in estimates}
+        loads = [ReplicaLoad(e.replica, e.finish_s, self.in_flight.get(e.replica, 0)) for e in estimates]
+        choice = self.router.choose(loads, remaining_s)
+        ref = next(r for r in self.replicas if r.name == choice.name)
+        stream = ref.handle.options(stream=True).generate.remote(
+            GenerateRequest(request_id, prompt_ids, params, arrival_unix_s + deadline.budget_s)
+        )
+        self.in_flight[ref.name] = self.in_flight.get(ref.name, 0) + 1
+        try:
+            accepted: Chunk = await stream.__anext__()
+        except BaseException:
+            self.release(ref.name)
+            stream.cancel()
+            raise
+        if accepted.error is not None:
+            self.release(ref.name)
+            status = accepted.error_status or 500
+            kind = {400: "invalid_request_error", 429: "rate_limit_error"}.get(status, "server_error")
+            raise ApiError(status, accepted.error, type=kind, code="queue_full" if status == 429 else None,
+                           headers={"Retry-After": "1"} if status in (429, 503) else None)
+        return Dispatched(ref.name, deadline, accepted, stream, by_name[ref.name])
+
+    def release(self, replica: str) -> None:
+        self.in_flight[replica] = max(0, self.in_flight.get(replica, 0) - 1)
+
+    def abort_soon(self, replica: str, request_id: str) -> None:
+        """Aborts in the background: callers are often being cancelled themselves."""
+        ref = next(r for r in self.replicas if r.name == replica)
+        task = asyncio.get_running_loop().create_task(self._abort(ref, request_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _abort(self, ref: ReplicaRef, request_id: str) -> None:
+        try:
+            await ref.handle.abort.remote(request_id)
+        except Exception:
+            logger.exception("aborting %s on %s failed", request_id, ref.name)
+
+    async def broadcast(self, method: str, names: list[str] | None = None, timeout_s: float = 10.0,
+                        **kwargs: Any) -> dict[str, Any]:
+        """Calls ``method`` on every replica (or those named); returns results or errors by name."""
+        refs = [r for r in self.replicas if names is None or r.name in names]
+        results = await asyncio.gather(
+            *(asyncio.wait_for(getattr(r.handle, method).remote(**kwargs), timeout_s) for r in refs),
+            return_exceptions=True,
+        )
+        return {r.name: (repr(x) if isinstance(x, BaseException) else x) for r, x in zip(refs, results)}
+

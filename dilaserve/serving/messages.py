@@ -1,0 +1,55 @@
+"""What crosses the ingress / replica boundary: plain dataclasses, pickled by Ray."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dilaserve.engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    request_id: str
+    prompt_ids: list[int]
+    # ``params.threshold`` None means "the replica's current default threshold" (which the
+    # controller changes live); ``params.threshold_floor`` is the request's quality floor.
+    params: SamplingParams
+    # Absolute wall-clock deadline (time.time() seconds): it crosses processes and nodes,
+    # where monotonic clocks differ. None: no deadline.
+    deadline_unix_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """One replica's predictions for one prospective request (seconds from now)."""
+
+    replica: str
+    solo_s: float  # alone on an idle replica, at the threshold it would run at
+    finish_s: float  # added now, queueing included, at that threshold
+    finish_at_floor_s: float  # the same at the request's quality floor
+    solo_at_floor_s: float
+    threshold: float | None  # the threshold it would run at (None: fixed-steps schedule)
+    num_waiting: int
+    num_running: int
+
+
+@dataclass
+class Chunk:
+    """One update of a generation stream from a replica.
+
+    The first chunk of every stream is either an acceptance (``is_accepted``) or an error, so
+    the ingress can still answer with a proper HTTP status before it starts streaming.
+    """
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    is_accepted: bool = False
+    finished: bool = False
+    finish_reason: str | None = None  # "stop", "length", "abort", "error"
+    num_prompt_tokens: int = 0
+    num_completion_tokens: int = 0
+    threshold: float | None = None
+    num_steps: int = 0
+    num_tokens_decided: int = 0
+    error: str | None = None
+    error_status: int | None = None  # HTTP status the error maps to (400 bad input, 429 full)

@@ -1,0 +1,196 @@
+"""The replica deployment: one model instance, its ``AsyncEngine``, behind Ray Serve.
+
+The engine knows only token ids; the replica adds what sits between it and the ingress:
+the current default threshold (changed live by ``set_policy``), incremental detokenization
+and stop strings (a match aborts the engine request and ends the stream with "stop"), and
+the predictions the ingress uses for admission and routing. A stream that ends early for any
+other reason (client gone, ingress cancelled) aborts the engine request, freeing its pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from typing import Any, AsyncIterator
+
+from ray import serve
+
+from dilaserve.engine.sampling_params import RequestOutput, SamplingParams
+from dilaserve.errors import InvalidRequestError, QueueFullError
+from dilaserve.serving.config import ModelConfig, VariantConfig
+from dilaserve.serving.detokenizer import IncrementalDetokenizer
+from dilaserve.serving.messages import Chunk, Estimate, GenerateRequest
+
+logger = logging.getLogger(__name__)
+
+METRICS_PERIOD_S = 1.0
+# Engine finish reasons as OpenAI names them; "eos" and stop token ids both mean "stop".
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "abort": "abort", "error": "error"}
+
+
+class ReplicaServer:
+    async def __init__(self, name: str, model: ModelConfig, variant: VariantConfig, max_waiting: int | None = None):
+        from dilaserve.engine.async_engine import AsyncEngine
+        from dilaserve.engine.config import EngineConfig
+        from dilaserve.models.tokenizer import load_tokenizer
+        from dilaserve.serving.metrics import ReplicaMetrics
+        from dilaserve.serving.model_store import resolve_model_dir
+
+        if model.device == "cpu":
+            import torch
+
+            torch.set_num_threads(max(1, int(variant.num_cpus_per_replica)))
+        self.name, self.model_name, self.variant = name, model.name, variant.name
+        model_dir = await asyncio.to_thread(resolve_model_dir, model)
+        engine_config = EngineConfig(**dict(variant.engine))
+        self.engine = AsyncEngine(str(model_dir), engine_config, device=model.device, dtype=model.dtype)
+        await self.engine.start()
+        self.tokenizer = getattr(self.engine, "tokenizer", None)
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(model_dir)
+        self.default_threshold: float = variant.threshold or engine_config.default_threshold
+        self.max_waiting = max_waiting  # waiting requests before this replica answers 429
+        self.engine.set_policy(default_threshold=self.default_threshold, max_waiting=max_waiting)
+        self._metrics = ReplicaMetrics(model.name, variant.name)
+        self._metrics_task = asyncio.get_running_loop().create_task(self._report_metrics())
+        logger.info("replica %s serving %s from %s", name, model.name, model_dir)
+
+    # -- requests ----------------------------------------------------------------------------
+    def resolve(self, params: SamplingParams) -> SamplingParams:
+        """The params as this replica runs them: its default threshold where none was asked,
+        never below the request's quality floor."""
+        if params.steps is not None or params.threshold is not None:
+            return params
+        threshold = max(self.default_threshold, params.threshold_floor or 0.0)
+        return dataclasses.replace(params, threshold=threshold)
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        params = self.resolve(request.params)
+        rid = request.request_id
+        if self.max_waiting is not None and self.engine.stats().num_waiting >= self.max_waiting:
+            yield Chunk(error=f"replica {self.name} has {self.max_waiting} requests waiting", error_status=429)
+            return
+        deadline = None
+        if request.deadline_unix_s is not None:
+            deadline = time.monotonic() + (request.deadline_unix_s - time.time())
+        try:
+            stream = self.engine.add_request(rid, list(request.prompt_ids), params, deadline)
+        except QueueFullError as exc:
+            yield Chunk(error=str(exc), error_status=429)
+            return
+        except InvalidRequestError as exc:
+            yield Chunk(error=str(exc), error_status=400)
+            return
+        except RuntimeError as exc:  # the engine loop has failed; Serve's health check replaces us
+            yield Chunk(error=f"replica {self.name} cannot decode: {exc}", error_status=503)
+            return
+        yield Chunk(is_accepted=True, threshold=params.threshold, num_prompt_tokens=len(request.prompt_ids))
+        detok = IncrementalDetokenizer(self.tokenizer, params.stop)
+        is_done = False
+        try:
+            async for out in stream:
+                update = detok.push(out.new_token_ids)
+                if update.is_stopped:
+                    is_done = True
+                    await self.engine.abort(rid)
+                    yield self._last_chunk(out, update.text, "stop", params)
+                    return
+                if out.finished:
+                    is_done = True
+                    tail = detok.finish()
+                    reason = "stop" if tail.is_stopped else FINISH_REASONS.get(out.finish_reason, out.finish_reason)
+                    yield self._last_chunk(out, update.text + tail.text, reason, params)
+                    return
+                if update.text or out.new_token_ids:
+                    yield Chunk(text=update.text, token_ids=list(out.new_token_ids),
+                                num_completion_tokens=len(out.token_ids))
+        except RuntimeError as exc:  # the engine failed mid-request
+            is_done = True
+            yield Chunk(finished=True, finish_reason="error", error=str(exc), error_status=500)
+        finally:
+            if not is_done:  # the consumer went away: free the engine's pages now
+                await self.engine.abort(rid)
+            close = getattr(stream, "aclose", None)
+            if close is not None:
+                await close()
+
+    def _last_chunk(self, out: RequestOutput, text: str, reason: str | None, params: SamplingParams) -> Chunk:
+        return Chunk(
+            text=text, token_ids=list(out.new_token_ids), finished=True, finish_reason=reason,
+            num_prompt_tokens=out.num_prompt_tokens, num_completion_tokens=len(out.token_ids),
+            threshold=params.threshold, num_steps=out.counters.num_steps,
+            num_tokens_decided=out.counters.num_tokens_decided,
+            error=out.error, error_status=500 if reason == "error" else None,
+        )
+
+    async def abort(self, request_id: str) -> None:
+        await self.engine.abort(request_id)
+
+    # -- predictions, load and policy ----------------------------------------------------------
+    async def estimate(self, prompt_len: int, params: SamplingParams) -> Estimate:
+        params = self.resolve(params)
+        threshold, floor = params.threshold, params.threshold_floor
+        solo = self.engine.predict_latency_s(prompt_len, params, threshold)
+        finish = self.engine.predict_finish_s(prompt_len, params, threshold)
+        finish_floor, solo_floor = finish, solo
+        if floor is not None and threshold is not None and floor < threshold:
+            finish_floor = self.engine.predict_finish_s(prompt_len, params, floor)
+            solo_floor = self.engine.predict_latency_s(prompt_len, params, floor)
+        stats = self.engine.stats()
+        return Estimate(
+            replica=self.name, solo_s=solo, finish_s=finish, finish_at_floor_s=finish_floor,
+            solo_at_floor_s=solo_floor, threshold=threshold, num_waiting=stats.num_waiting,
+            num_running=stats.num_running,
+        )
+
+    async def stats(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "model": self.model_name, "variant": self.variant,
+            "default_threshold": self.default_threshold, "max_waiting": self.max_waiting,
+            "engine": dataclasses.asdict(self.engine.stats()),
+        }
+
+    async def set_policy(self, threshold: float | None = None, max_waiting: int | None = None) -> dict[str, Any]:
+        """Changes the default threshold and / or the waiting-queue limit live. Requests in
+        flight keep running; new ones use the new values."""
+        if threshold is not None:
+            if not 0.0 < threshold <= 1.0:
+                raise InvalidRequestError(f"threshold must be in (0, 1], got {threshold}")
+            self.default_threshold = threshold
+        if max_waiting is not None:
+            if max_waiting < 0:
+                raise InvalidRequestError(f"max_waiting must be >= 0, got {max_waiting}")
+            self.max_waiting = max_waiting
+        self.engine.set_policy(default_threshold=threshold, max_waiting=max_waiting)
+        logger.info("replica %s policy: threshold %s, max_waiting %s",
+                    self.name, self.default_threshold, self.max_waiting)
+        return await self.stats()
+
+    async def check_health(self) -> None:
+        """Called by Serve; raising marks the replica unhealthy and Serve replaces it."""
+        check = getattr(self.engine, "check_health", None)
+        if check is not None:
+            result = check()
+            if asyncio.iscoroutine(result):
+                await result
+        self.engine.stats()
+
+    async def _report_metrics(self) -> None:
+        while True:
+            try:
+                self._metrics.report(self.engine.stats(), self.default_threshold)
+            except Exception:  # metrics must never take the replica down
+                logger.exception("replica %s: reporting metrics failed", self.name)
+            await asyncio.sleep(METRICS_PERIOD_S)
+
+    async def __del__(self) -> None:
+        self._metrics_task.cancel()
+        await self.engine.stop()
+
+
+# Wrapping (not decorating) keeps ReplicaServer importable by name, so Ray pickles it by reference.
+Replica = serve.deployment(health_check_period_s=10, health_check_timeout_s=30, graceful_shutdown_timeout_s=20)(
+    ReplicaServer
+)

@@ -1,0 +1,104 @@
+"""The serving config: YAML -> validated -> frozen dataclasses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dilaserve.serving.app import local_num_cpus, replica_options
+from dilaserve.serving.config import ConfigError, default_config, load_config, parse_config, with_http
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def minimal(**extra):
+    return {"models": [{"name": "m"}], "variants": [{"name": "v", "model": "m"}], **extra}
+
+
+def test_example_config_loads():
+    config = load_config(EXAMPLES / "serve_cpu.yaml")
+    assert config.models[0].name == "dilaserve-tiny-arith" and config.models[0].path is None
+    assert [n for n, _ in config.replica_names()] == ["cpu-0", "cpu-1"]
+    assert config.routing.policy == "slack" and config.admission.max_waiting == 256
+    assert config.variants[0].num_gpus_per_replica == 0.0  # CPU model: no GPUs
+    assert dict(config.variants[0].engine)["page_size"] == 16
+
+
+def test_deploy_example_args_are_a_valid_config():
+    import yaml
+
+    args = yaml.safe_load((EXAMPLES / "serve_deploy.yaml").read_text())["applications"][0]["args"]
+    assert parse_config(args).variants[0].num_replicas == 2
+
+
+def test_default_config_and_overrides():
+    config = default_config(port=9001)
+    assert (config.http.host, config.http.port) == ("127.0.0.1", 9001)
+    assert with_http(config, host="0.0.0.0").http.host == "0.0.0.0"
+
+
+@pytest.mark.parametrize("data, message", [
+    (minimal(routing={"policy": "random"}), "routing.policy"),
+    (minimal(slo={"slo_scale": 0}), "slo.slo_scale"),
+    (minimal(http={"port": 70000}), "http.port"),
+    (minimal(bogus=1), "bogus"),
+    ({"models": [{"name": "m"}], "variants": [{"name": "v", "model": "other"}]}, "not among models"),
+    ({"models": [{"name": "m"}, {"name": "m"}], "variants": [{"name": "v", "model": "m"}]}, "unique"),
+    ({"models": [{"name": "m"}], "variants": [{"name": "v", "model": "m", "num_replicas": 0}]}, "no variant"),
+    ({"models": [{"name": "m"}], "variants": [{"name": "v", "model": "m", "engine": {"page_sz": 4}}]}, "page_sz"),
+    ({"models": [{"name": "m"}], "variants": [{"name": "v", "model": "m", "tensor_parallel": 2}]}, "cuda"),
+])
+def test_invalid_configs_name_the_field(data, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(data)
+
+
+def test_unreadable_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("models: [")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_gpu_variants_reserve_gpus_and_placement_groups():
+    config = parse_config({
+        "models": [{"name": "m", "path": "/models/llada", "device": "cuda", "dtype": "bfloat16"}],
+        "variants": [{"name": "tp1", "model": "m"}, {"name": "tp4", "model": "m", "tensor_parallel": 4}],
+    })
+    tp1, tp4 = config.variants
+    assert replica_options(tp1)["ray_actor_options"]["num_gpus"] == 1.0
+    options = replica_options(tp4)
+    assert len(options["placement_group_bundles"]) == 4
+    assert sum(b["GPU"] for b in options["placement_group_bundles"]) == 4
+    assert options["ray_actor_options"]["num_gpus"] == options["placement_group_bundles"][0]["GPU"]
+    assert local_num_cpus(config) == 3
+
+
+REPO = EXAMPLES.parent
+SERVE_DEPLOY_FILES = [REPO / "examples/serve_deploy.yaml", REPO / "cluster_configs/serve_local.yaml",
+                      REPO / "cluster_configs/serve_aws.yaml"]
+
+
+@pytest.mark.parametrize("path", SERVE_DEPLOY_FILES, ids=lambda p: p.name)
+def test_serve_deploy_files_are_valid_for_serve_and_for_dilaserve(path):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    data = yaml.safe_load(path.read_text())
+    ServeDeploySchema.model_validate(data)
+    (app,) = data["applications"]
+    assert app["import_path"] == "dilaserve.serving.app:app_builder"
+    parse_config(app["args"], str(path))
+
+
+@pytest.mark.parametrize("name", ["local.yaml", "aws-gpu.yaml"])
+def test_ray_up_configs_pass_the_autoscaler_schema(name):
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((REPO / "cluster_configs" / name).read_text())
+    validate_config(prepare_config(config))
+    commands = " ".join(config["setup_commands"] + config["head_start_ray_commands"])
+    assert "pip install" in commands and "dilaserve" in commands and "serve deploy" in commands
