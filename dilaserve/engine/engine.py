@@ -156,7 +156,7 @@ class Engine:
         emitted = request.canvas[request.prompt_len: request.prompt_len + request.num_emitted]
         return RequestOutput(
             request.request_id, new_tokens, emitted, request.is_finished, request.finish_reason,
-            request.prompt_len, request.counters,
+            request.prompt_len, request.counters, threshold=request.threshold,
         )
 
     # -- statistics and predictions --------------------------------------------------------

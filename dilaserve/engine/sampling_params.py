@@ -142,3 +142,4 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     counters: RequestCounters = field(default_factory=RequestCounters)
     error: str | None = None
+    threshold: float | None = None  # the threshold in use now (load control may have lowered it)

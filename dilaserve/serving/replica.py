@@ -120,7 +120,8 @@ class ReplicaServer:
         return Chunk(
             text=text, token_ids=list(out.new_token_ids), finished=True, finish_reason=reason,
             num_prompt_tokens=out.num_prompt_tokens, num_completion_tokens=len(out.token_ids),
-            threshold=params.threshold, num_steps=out.counters.num_steps,
+            threshold=out.threshold if out.threshold is not None else params.threshold,
+            num_steps=out.counters.num_steps,
             num_tokens_decided=out.counters.num_tokens_decided,
             error=out.error, error_status=500 if reason == "error" else None,
         )
