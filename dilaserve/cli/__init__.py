@@ -9,7 +9,7 @@ import sys
 
 from dilaserve.errors import DiLaServeError
 
-SUBCOMMANDS = ("generate", "init-model", "serve", "replay", "plan")
+SUBCOMMANDS = ("generate", "init-model", "serve", "replay", "simulate", "plan")
 
 
 def build_parser() -> argparse.ArgumentParser:

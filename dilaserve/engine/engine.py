@@ -1,38 +1,18 @@
-"""The synchronous engine: request intake, the step loop, and outputs.
+"""The engine of a replica: ``EngineCore``'s step loop driving the model runner.
 
-    plan = scheduler.schedule(); out = runner.run(plan); updates = scheduler.update(plan, out)
-
-Requests and aborts arrive through a locked inbox (callers may live on another thread, as the
-async wrapper's event loop does) and are applied at the start of each step.
+The loop, intake, predictions and statistics are in ``core.py`` (torch-free, shared with the
+simulator); this adds what needs the model: the KV pool sized from memory and the runner.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
 import time
-from collections import deque
-from dataclasses import dataclass
 
-import torch
-
-from dilaserve.engine.chunk_control import make_chunk_controller
 from dilaserve.engine.config import EngineConfig
-from dilaserve.engine.cost_model import (
-    OnlineCostModel, TokensPerStepEstimator, Work, batch_work_s, request_work, work_s,
-)
-from dilaserve.engine.kv_pages import PageAllocator
-from dilaserve.engine.load_control import LoadControl
+from dilaserve.engine.core import EngineCore
 from dilaserve.engine.model_runner import ModelRunner
-from dilaserve.engine.request import Request
-from dilaserve.engine.sampling_params import RequestOutput, SamplingParams
-from dilaserve.engine.scheduler import Scheduler
-from dilaserve.engine.stats import EngineStats
-from dilaserve.errors import InvalidRequestError, QueueFullError
 from dilaserve.models.base import DiffusionLM
 from dilaserve.models.paged_attention import PagedKVCache
-
-logger = logging.getLogger(__name__)
 
 
 def num_pages_for(config: EngineConfig, model: DiffusionLM) -> int:
@@ -43,187 +23,9 @@ def num_pages_for(config: EngineConfig, model: DiffusionLM) -> int:
     return max(1, int(config.kv_memory_gib * 2**30 // per_page))
 
 
-class Engine:
+class Engine(EngineCore):
     def __init__(self, model: DiffusionLM, config: EngineConfig | None = None, clock=time.monotonic):
-        self.config = config or EngineConfig()
+        config = config or EngineConfig()
+        num_pages = num_pages_for(config, model)
+        super().__init__(model.spec, config, ModelRunner(model, num_pages, config.page_size), num_pages, clock)
         self.model = model
-        self.spec = model.spec
-        self.clock = clock
-        num_pages = num_pages_for(self.config, model)
-        self.allocator = PageAllocator(num_pages, self.config.page_size)
-        self.runner = ModelRunner(model, num_pages, self.config.page_size)
-        self.cost = OnlineCostModel()
-        self.tokens_per_step_estimate = TokensPerStepEstimator()
-        self.load_control = LoadControl(self.config.threshold_step, clock, self._remaining_steps) \
-            if self.config.load_control else None
-        self.scheduler = Scheduler(
-            self.config, self.allocator, make_chunk_controller(self.config.chunk_control),
-            self.spec.shift_logits, clock, self._remaining_s,
-        )
-        self._inbox: deque[tuple[str, object]] = deque()
-        self._lock = threading.Lock()
-        self._num_waiting_hint = 0
-        self.default_threshold = self.config.default_threshold
-        self.max_waiting = self.config.max_waiting
-        self._recent_steps: deque[StepRecord] = deque(maxlen=64)
-        self.num_finished = 0
-
-    # -- intake -------------------------------------------------------------------------
-    def make_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                     deadline_s: float | None = None) -> Request:
-        """Validates a request (raising InvalidRequestError) and builds its state."""
-        if not prompt_ids:
-            raise InvalidRequestError("the prompt is empty")
-        bad = next((t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < self.spec.vocab_size), None)
-        if bad is not None:
-            raise InvalidRequestError(f"token id {bad} is outside the vocabulary [0, {self.spec.vocab_size})")
-        params.validate()
-        seq_len = len(prompt_ids) + params.max_tokens
-        if seq_len > self.spec.max_positions:
-            raise InvalidRequestError(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
-                f"maximum of {self.spec.max_positions} positions"
-            )
-        if self.allocator.pages_for(seq_len) > self.allocator.num_pages:
-            raise InvalidRequestError(
-                f"the request needs {seq_len} tokens of KV cache; this replica holds {self.allocator.num_pages * self.allocator.page_size}"
-            )
-        if self.num_waiting() >= self.max_waiting:
-            raise QueueFullError(f"the waiting queue is full ({self.max_waiting} requests)")
-        stop_ids = frozenset({self.spec.eos_token_id, *params.stop_token_ids})
-        threshold = params.threshold if params.threshold is not None else self.default_threshold
-        return Request(
-            request_id, list(prompt_ids), params, self.spec.mask_token_id, stop_ids, self.clock(),
-            deadline_s, threshold=threshold,
-        )
-
-    def add(self, request: Request) -> None:
-        with self._lock:
-            self._inbox.append(("add", request))
-
-    def abort(self, request_id: str) -> None:
-        with self._lock:
-            self._inbox.append(("abort", request_id))
-
-    def _drain_inbox(self) -> list[RequestOutput]:
-        with self._lock:
-            commands = list(self._inbox)
-            self._inbox.clear()
-        outputs = []
-        for kind, payload in commands:
-            if kind == "add":
-                self.scheduler.add(payload)
-            else:
-                request = self.scheduler.abort(payload)
-                if request is not None:
-                    self.runner.release(request.request_id)
-                    outputs.append(self._output(request, []))
-        return outputs
-
-    def num_waiting(self) -> int:
-        return len(self.scheduler.waiting) + sum(1 for kind, _ in list(self._inbox) if kind == "add")
-
-    def has_work(self) -> bool:
-        return bool(self._inbox) or self.scheduler.has_work()
-
-    # -- the step -----------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        outputs = self._drain_inbox()
-        if self.load_control is not None and self._recent_steps:
-            self.load_control.apply(self.scheduler.running, self._step_s())
-        plan = self.scheduler.schedule()
-        if not plan:
-            return outputs
-        result = self.runner.run(plan)
-        self.cost.observe(plan.num_tokens, plan.num_context_tokens, result.elapsed_s)
-        for item in plan.items:
-            if item.request.params.steps is None and item.request.threshold is not None:
-                decision = result.decisions[item.request.request_id]
-                self.tokens_per_step_estimate.observe(item.request.threshold, len(decision.positions))
-        updates = self.scheduler.update(plan, result)
-        decided = sum(len(d.positions) for d in result.decisions.values())
-        self._recent_steps.append(StepRecord(
-            self.clock(), decided, len(plan.items), result.elapsed_s, sum(i.chunk for i in plan.items)
-        ))
-        for request, new_tokens in updates:
-            if request.is_finished:
-                self.runner.release(request.request_id)
-                self.num_finished += 1
-            outputs.append(self._output(request, new_tokens))
-        return outputs
-
-    def _output(self, request: Request, new_tokens: list[int]) -> RequestOutput:
-        emitted = request.canvas[request.prompt_len: request.prompt_len + request.num_emitted]
-        return RequestOutput(
-            request.request_id, new_tokens, emitted, request.is_finished, request.finish_reason,
-            request.prompt_len, request.counters, threshold=request.threshold,
-        )
-
-    # -- statistics and predictions --------------------------------------------------------
-    def tokens_per_step(self, params: SamplingParams, threshold: float | None) -> float:
-        if params.steps is not None:
-            return max(params.block_size / (params.steps // params.num_blocks), 1.0)
-        return self.tokens_per_step_estimate.estimate(threshold, params.block_size)
-
-    def _step_s(self) -> float:
-        """Mean seconds of the recent steps (the current batch's step time)."""
-        return sum(s.seconds for s in self._recent_steps) / len(self._recent_steps)
-
-    def _remaining_steps(self, request: Request, threshold: float) -> float:
-        return request_work(request.seq_len, request.num_masked_remaining(), request.params.block_size,
-                            self.tokens_per_step(request.params, threshold), request.params.cache).steps
-
-    def predict_latency_s(self, prompt_len: int, params: SamplingParams, threshold: float | None = None) -> float:
-        """Predicted seconds for such a request alone on an idle engine."""
-        t = threshold if threshold is not None else (params.threshold or self.default_threshold)
-        work = request_work(prompt_len + params.max_tokens, params.max_tokens, params.block_size,
-                            self.tokens_per_step(params, t), params.cache)
-        return work_s(self.cost.cost, work)
-
-    def _work(self, request: Request) -> Work:
-        return request_work(request.seq_len, request.num_masked_remaining(), request.params.block_size,
-                            self.tokens_per_step(request.params, request.threshold), request.params.cache)
-
-    def _remaining_s(self, request: Request) -> float:
-        return work_s(self.cost.cost, self._work(request))
-
-    def backlog_s(self) -> float:
-        """Predicted seconds to finish everything admitted and queued, batched together."""
-        requests = list(self.scheduler.running) + list(self.scheduler.waiting)
-        return batch_work_s(self.cost.cost, [self._work(r) for r in requests])
-
-    def predict_finish_s(self, prompt_len: int, params: SamplingParams, threshold: float | None = None) -> float:
-        """Predicted seconds from now until such a request, added now, would finish."""
-        t = threshold if threshold is not None else (params.threshold or self.default_threshold)
-        new = request_work(prompt_len + params.max_tokens, params.max_tokens, params.block_size,
-                           self.tokens_per_step(params, t), params.cache)
-        requests = list(self.scheduler.running) + list(self.scheduler.waiting)
-        return batch_work_s(self.cost.cost, [self._work(r) for r in requests] + [new])
-
-    def stats(self) -> EngineStats:
-        steps = list(self._recent_steps)
-        span = steps[-1].time - steps[0].time if len(steps) > 1 else 0.0
-        slots = sum(s.num_requests for s in steps)
-        return EngineStats(
-            num_waiting=self.num_waiting(),
-            num_running=len(self.scheduler.running),
-            tokens_in_flight=sum(r.num_masked_remaining() for r in self.scheduler.running),
-            pages_free=self.allocator.num_free,
-            pages_total=self.allocator.num_pages,
-            steps_per_s=(len(steps) - 1) / span if span > 0 else 0.0,
-            tokens_decided_per_step=sum(s.num_decided for s in steps) / slots if slots else 0.0,
-            predicted_backlog_s=self.backlog_s(),
-            threshold_default=self.default_threshold,
-            num_finished=self.num_finished,
-            num_threshold_lowerings=self.load_control.num_lowerings if self.load_control else 0,
-            mean_chunk_size=sum(s.chunk_sum for s in steps) / slots if slots else 0.0,
-        )
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    time: float
-    num_decided: int
-    num_requests: int
-    seconds: float
-    chunk_sum: int

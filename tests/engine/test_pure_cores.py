@@ -7,7 +7,7 @@ import sys
 
 def test_cores_import_no_torch_or_ray():
     code = (
-        "import sys; import dilaserve.engine.scheduler, dilaserve.engine.cost_model, "
+        "import sys; import dilaserve.engine.core, dilaserve.engine.scheduler, dilaserve.engine.cost_model, "
         "dilaserve.engine.sampling_params, dilaserve.engine.kv_pages, dilaserve.engine.chunk_control; "
         "bad = [m for m in ('torch', 'ray') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
     )

@@ -1,0 +1,168 @@
+"""``dilaserve simulate``: replay a trace on a simulated cluster and report SLO attainment.
+
+The simulator drives the engine's scheduler (``--fidelity step``) or a request-level model of
+it (``--fidelity fast``, for hundreds of replicas and millions of requests), with the serving
+layer's admission and routing code, and writes the same records ``dilaserve replay`` writes.
+
+    dilaserve simulate --synthetic poisson:5000:1000000 --replicas 256 --policy slack --out sim.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from dilaserve.errors import InvalidRequestError
+
+log = logging.getLogger(__name__)
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("simulate", help="replay a trace on a simulated cluster (1 to hundreds of replicas)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("trace")
+    source = g.add_mutually_exclusive_group(required=True)
+    source.add_argument("--trace", help="trace CSV (Azure or BurstGPT format)")
+    source.add_argument("--synthetic", metavar="SPEC",
+                        help="poisson:RATE:N or gamma:RATE:CV:N (RATE in req/s, N requests)")
+    g.add_argument("--prompt-tokens", type=_positive(int), default=256, help="synthetic: mean prompt length (tokens)")
+    g.add_argument("--output-tokens", type=_positive(int), default=64, help="synthetic: mean output length (tokens)")
+    g.add_argument("--length-cv", type=float, default=0.5, help="synthetic: CV of log-normal lengths (0: fixed)")
+    g.add_argument("--rate-scale", type=_positive(float), default=1.0, help="compress inter-arrival gaps by this")
+    g.add_argument("--max-requests", type=_positive(int), help="keep the first N arrivals")
+    g.add_argument("--max-total-tokens", type=_positive(int), help="clip prompt + output to this (the model's limit)")
+    g.add_argument("--seed", type=int, default=0, help="synthetic trace and acceptance draws")
+
+    g = p.add_argument_group("cluster")
+    g.add_argument("--replicas", type=_positive(int), default=1)
+    g.add_argument("--fixed-ms", type=float, help="step cost: fixed part per step (ms); default: the cost prior")
+    g.add_argument("--per-token-us", type=float, help="step cost: per token computed (microseconds)")
+    g.add_argument("--per-context-ns", type=float, help="step cost: per key/value read (nanoseconds)")
+    g.add_argument("--max-running", type=_positive(int), help="requests decoding at once per replica")
+    g.add_argument("--max-batch-tokens", type=_positive(int), help="token budget per step")
+    g.add_argument("--num-pages", type=_positive(int), help="KV pages per replica")
+    g.add_argument("--block-size", type=_positive(int), default=32)
+    g.add_argument("--cache", default="dual", choices=["none", "prefix", "dual"])
+    g.add_argument("--quality-profile", help="tokens decided per step per threshold (dilaserve profile quality)")
+    g.add_argument("--overhead-ms", type=float, default=0.0,
+                   help="time outside the engine per request (HTTP, hops), simulated and predicted")
+
+    g = p.add_argument_group("policies")
+    g.add_argument("--policy", default="slack", choices=["slack", "round_robin", "power_of_two"])
+    g.add_argument("--admission", default="on", choices=["on", "off"])
+    g.add_argument("--threshold", type=float, help="replicas' confidence threshold (default: the engine's)")
+    g.add_argument("--slo-scale", type=_positive(float), default=5.0, help="deadline = S x predicted latency alone")
+    g.add_argument("--fidelity", default="fast", choices=["step", "fast"])
+
+    g = p.add_argument_group("output")
+    g.add_argument("--out", required=True, help="records, one JSON object per request and line")
+    g.add_argument("--system", help="name in records and tables (default: sim-<policy>)")
+    g.add_argument("--report-dir", help="write report.md and PNG plots here")
+    p.set_defaults(run=run)
+
+
+def build_trace(args: argparse.Namespace):
+    from dilaserve.replay import synthetic as syn
+    from dilaserve.replay.loaders import load_trace
+
+    if args.trace:
+        trace, report = load_trace(args.trace)
+        print(report.summary(), file=sys.stderr)
+    else:
+        parts = args.synthetic.split(":")
+        try:
+            if parts[0] == "poisson" and len(parts) == 3:
+                arrivals, count = syn.PoissonArrivals(float(parts[1])), int(parts[2])
+            elif parts[0] == "gamma" and len(parts) == 4:
+                arrivals, count = syn.GammaArrivals(float(parts[1]), float(parts[2])), int(parts[3])
+            else:
+                raise ValueError("expected poisson:RATE:N or gamma:RATE:CV:N")
+        except ValueError as exc:
+            raise InvalidRequestError(f"--synthetic {args.synthetic!r}: {exc}") from None
+        if args.length_cv > 0:
+            lengths = syn.IndependentLengths(syn.LogNormalLength(args.prompt_tokens, args.length_cv),
+                                             syn.LogNormalLength(args.output_tokens, args.length_cv))
+        else:
+            lengths = syn.IndependentLengths(syn.FixedLength(args.prompt_tokens), syn.FixedLength(args.output_tokens))
+        trace = syn.synthesize(arrivals, lengths, num_requests=count, seed=args.seed, name=args.synthetic)
+    if args.max_total_tokens:
+        trace = trace.cap_lengths(max_total_tokens=args.max_total_tokens)
+    if args.rate_scale != 1.0:
+        trace = trace.scale_rate(args.rate_scale)
+    if args.max_requests:
+        trace = trace.head(args.max_requests)
+    if not len(trace):
+        raise InvalidRequestError("the trace holds no request")
+    return trace
+
+
+def build_cluster(args: argparse.Namespace):
+    import dataclasses
+
+    from dilaserve.engine.config import EngineConfig
+    from dilaserve.engine.cost_model import StepCost
+    from dilaserve.serving.config import RequestDefaults
+    from dilaserve.sim import ClusterConfig
+
+    prior = StepCost()
+    cost = StepCost(
+        prior.fixed_s if args.fixed_ms is None else args.fixed_ms / 1e3,
+        prior.per_token_s if args.per_token_us is None else args.per_token_us / 1e6,
+        prior.per_context_s if args.per_context_ns is None else args.per_context_ns / 1e9,
+    )
+    limits = {k: v for k, v in (("max_running", args.max_running), ("max_batch_tokens", args.max_batch_tokens),
+                                 ("num_pages", args.num_pages)) if v is not None}
+    engine = dataclasses.replace(EngineConfig(), **limits)
+    if args.threshold is not None and not 0.0 < args.threshold <= 1.0:
+        raise InvalidRequestError(f"--threshold must be in (0, 1], got {args.threshold}")
+    return ClusterConfig.homogeneous(
+        args.replicas, cost, engine, args.threshold,
+        defaults=RequestDefaults(block_length=args.block_size, cache=args.cache), overhead_s=args.overhead_ms / 1e3,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from dilaserve.replay.metrics import compute_metrics
+    from dilaserve.replay.records import save_records
+    from dilaserve.replay.report import metrics_table, write_report
+    from dilaserve.serving.config import AdmissionConfig, RoutingConfig, SLOConfig
+    from dilaserve.sim import AcceptanceModel, SimPolicies, simulate
+
+    trace = build_trace(args)
+    cluster = build_cluster(args)
+    acceptance = AcceptanceModel()
+    if args.quality_profile:
+        acceptance = AcceptanceModel.from_quality_profile(args.quality_profile)
+    system = args.system or f"sim-{args.policy}"
+    policies = SimPolicies(
+        routing=RoutingConfig(policy=args.policy, seed=args.seed),
+        admission=AdmissionConfig(enabled=args.admission == "on"),
+        slo=SLOConfig(slo_scale=args.slo_scale, overhead_ms=args.overhead_ms), fidelity=args.fidelity,
+        acceptance=acceptance, seed=args.seed, system=system,
+    )
+    print(f"simulating {len(trace)} requests over {trace.span_s:.1f} s ({trace.mean_rate_rps:.1f} req/s) on "
+          f"{cluster.num_replicas} replicas, {args.fidelity} fidelity", file=sys.stderr)
+    start, start_cpu = time.perf_counter(), time.process_time()
+    records = simulate(trace, cluster, policies)
+    print(f"simulated in {time.perf_counter() - start:.1f} s wall, {time.process_time() - start_cpu:.1f} s CPU",
+          file=sys.stderr)
+    save_records(records, args.out)
+    print(metrics_table([compute_metrics(records, system=system)]))
+    if args.report_dir:
+        files = write_report(args.report_dir, {system: records}, title=f"Simulation: {trace.name}")
+        print(f"report: {files.markdown}", file=sys.stderr)
+    return 0

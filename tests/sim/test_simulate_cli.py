@@ -1,0 +1,49 @@
+"""``dilaserve simulate`` on small synthetic traces."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from dilaserve.cli import simulate as simulate_cli
+from dilaserve.errors import InvalidRequestError
+from dilaserve.replay.loaders import write_azure_csv
+from dilaserve.replay.records import Status, load_records
+from tests.sim.helpers import poisson_trace
+
+
+def run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="dilaserve")
+    simulate_cli.add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["simulate", *argv])
+    return args.run(args)
+
+
+@pytest.mark.parametrize("fidelity", ["step", "fast"])
+def test_synthetic_trace_to_records_and_table(tmp_path, capsys, fidelity):
+    out = tmp_path / "sim.jsonl"
+    assert run(["--synthetic", "poisson:300:400", "--replicas", "2", "--policy", "power_of_two",
+                "--fidelity", fidelity, "--threshold", "0.8", "--slo-scale", "3", "--out", str(out),
+                "--report-dir", str(tmp_path / "report")]) == 0
+    records = load_records(out)
+    assert len(records) == 400 and {r.system for r in records} == {"sim-power_of_two"}
+    assert any(r.status is Status.REFUSED for r in records)  # 300 req/s overloads two replicas
+    assert {r.threshold_used for r in records if r.status is Status.OK} == {0.8}
+    assert "SLO attainment" in capsys.readouterr().out
+    assert (tmp_path / "report" / "report.md").exists()
+
+
+def test_trace_file_with_admission_off(tmp_path):
+    path = tmp_path / "trace.csv"
+    write_azure_csv(poisson_trace(20, 50), path)
+    out = tmp_path / "sim.jsonl"
+    assert run(["--trace", str(path), "--replicas", "1", "--admission", "off", "--fixed-ms", "4",
+                "--per-token-us", "30", "--max-running", "8", "--out", str(out)]) == 0
+    records = load_records(out)
+    assert len(records) == 50 and all(r.status is Status.OK for r in records)
+
+
+def test_bad_synthetic_spec_is_a_user_error(tmp_path):
+    with pytest.raises(InvalidRequestError, match="poisson:RATE:N"):
+        run(["--synthetic", "poisson:fast", "--out", str(tmp_path / "x.jsonl")])
