@@ -9,7 +9,7 @@ import sys
 
 from dilaserve.errors import DiLaServeError
 
-SUBCOMMANDS = ("generate", "init-model", "serve", "replay", "simulate", "plan")
+SUBCOMMANDS = ("demo", "generate", "init-model", "serve", "replay", "simulate", "plan", "eval", "profile")
 
 
 def build_parser() -> argparse.ArgumentParser:

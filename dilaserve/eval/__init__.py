@@ -1,0 +1,1 @@
+"""Measuring decoding quality on checkable tasks, through the real engine."""
