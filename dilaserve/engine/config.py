@@ -21,3 +21,6 @@ class EngineConfig:
     default_threshold: float = 0.9
     threshold_step: float = 0.1  # load control lowers a late request's threshold by this
     load_control: bool = False  # lower thresholds of late requests down to their floor
+    # "auto": Triton kernels (paged attention, fused logit budget) on CUDA when triton imports;
+    # "torch": the pure-torch reference path everywhere; "triton": require the kernels.
+    kernels: str = "auto"

@@ -27,5 +27,5 @@ class Engine(EngineCore):
     def __init__(self, model: DiffusionLM, config: EngineConfig | None = None, clock=time.monotonic):
         config = config or EngineConfig()
         num_pages = num_pages_for(config, model)
-        super().__init__(model.spec, config, ModelRunner(model, num_pages, config.page_size), num_pages, clock)
+        super().__init__(model.spec, config, ModelRunner(model, num_pages, config.page_size, config.kernels), num_pages, clock)
         self.model = model

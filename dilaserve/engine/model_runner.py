@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from dilaserve.engine.gpu import select_fast_path
 from dilaserve.engine.plan import Decision, StepOutput, StepPlan
 from dilaserve.engine.request import Request
 from dilaserve.generation.unmasking import choose_tokens, is_greedy_llada
@@ -20,7 +21,7 @@ from dilaserve.models.paged_attention import PagedAttention, PagedKVCache
 
 
 class ModelRunner:
-    def __init__(self, model: DiffusionLM, num_pages: int, page_size: int):
+    def __init__(self, model: DiffusionLM, num_pages: int, page_size: int, kernels: str = "auto"):
         self.model = model
         self.spec = model.spec
         param = next(model.parameters())
@@ -30,6 +31,9 @@ class ModelRunner:
             self.spec.num_layers, num_pages, page_size, self.spec.num_kv_heads, self.spec.head_dim,
             self.dtype, self.device,
         )
+        # Triton kernels on CUDA (attention + fused logit budget), else the pure-torch path.
+        self.fast_path = select_fast_path(self.device, kernels)
+        self.attention_cls = self.fast_path.attention if self.fast_path else PagedAttention
         self._generators: dict[str, torch.Generator] = {}
         self._slot_maps: dict[str, torch.Tensor] = {}
 
@@ -77,7 +81,7 @@ class ModelRunner:
             key_index[i, : len(ks)] = ks
             key_valid[i, : len(ks)] = True
         dev = self.device
-        attn = PagedAttention(
+        attn = self.attention_cls(
             self.cache, torch.cat(slots).to(dev), query_index.to(dev), query_valid.to(dev),
             key_index.to(dev), key_valid.to(dev),
         )
@@ -94,20 +98,28 @@ class ModelRunner:
         for item, base in zip(plan.items, q_starts):
             rows.extend(base + max(p - shift, 0) - item.compute_start for p in item.query_positions)
             sizes.append(len(item.query_positions))
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)]).float()
-        # The mask token is never a prediction: committing it would leave a position masked forever.
-        logits[:, self.spec.mask_token_id] = -torch.inf
+        hidden_rows = hidden[torch.tensor(rows, device=self.device)]
         unmaskers = [item.request.params.unmasker(item.request.threshold) for item in plan.items]
         # Greedy LLaDA-style rows share one argmax / softmax pass; the rest choose per request.
         greedy = [is_greedy_llada(u) for u in unmaskers]
-        shared = None
-        if any(greedy):
+        shared = logits = None
+        if self.fast_path is not None and all(greedy):
+            # Fused logit budget: (token, confidence) without a [rows, vocab] tensor.
+            tokens_all, conf_all = self.fast_path.greedy_choices(
+                hidden_rows, self.model.lm_head_weight(), self.spec.mask_token_id)
+            shared = iter(zip(torch.split(tokens_all, sizes), torch.split(conf_all, sizes)))
+        else:
+            logits = self.model.compute_logits(hidden_rows).float()
+            # The mask token is never a prediction: committing it would leave a position masked forever.
+            logits[:, self.spec.mask_token_id] = -torch.inf
+        if logits is not None and any(greedy):
             keep = torch.cat([torch.full((n,), g, dtype=torch.bool) for n, g in zip(sizes, greedy)]).to(self.device)
             tokens_all, conf_all = choose_tokens(logits[keep], 0.0, "low_confidence", None)
             shared = iter(zip(torch.split(tokens_all, [n for n, g in zip(sizes, greedy) if g]),
                               torch.split(conf_all, [n for n, g in zip(sizes, greedy) if g])))
         decisions = {}
-        for item, part, unmasker, is_greedy in zip(plan.items, torch.split(logits, sizes), unmaskers, greedy):
+        parts = torch.split(logits, sizes) if logits is not None else [None] * len(sizes)
+        for item, part, unmasker, is_greedy in zip(plan.items, parts, unmaskers, greedy):
             r = item.request
             if is_greedy:
                 tokens, confidence = next(shared)

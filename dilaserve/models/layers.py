@@ -35,8 +35,10 @@ def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tupl
     Read from a table per (device, head_dim, theta) that grows to the longest position seen,
     so a step does no trigonometry."""
     key = (positions.device, head_dim, theta)
-    needed = int(positions.max()) + 1 if positions.numel() else 1
     table = _ROTARY_TABLES.get(key)
+    if table is not None and positions.is_cuda and torch.cuda.is_current_stream_capturing():
+        return table[0][positions], table[1][positions]  # no host sync under graph capture
+    needed = int(positions.max()) + 1 if positions.numel() else 1
     if table is None or table[0].shape[0] < needed:
         length = max(needed, 4096)
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))

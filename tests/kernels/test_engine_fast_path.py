@@ -1,0 +1,58 @@
+"""With the Triton kernels in the model runner, the engine decodes as on the torch path."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from dilaserve.engine.sampling_params import SamplingParams
+from dilaserve.models.paged_attention import PagedAttention
+from tests.engine.helpers import make_prompts, new_engine, run_to_completion
+
+triton = pytest.importorskip("triton")
+
+from dilaserve.engine.gpu import FastPath, select_fast_path  # noqa: E402
+from dilaserve.engine.gpu.attention import TritonPagedAttention  # noqa: E402
+from dilaserve.engine.gpu.logits import greedy_choices  # noqa: E402
+from kernels.interpreter import interpreting  # noqa: E402
+
+
+def _engine(model, fast: bool):
+    engine = new_engine(model)
+    runner = engine.runner
+    if not hasattr(runner, "attention_cls"):
+        pytest.skip("the model runner has no kernel hook yet (dilaserve/engine/gpu/engine_hook.patch)")
+    if fast:  # on CPU the kernels run in the Triton interpreter
+        runner.fast_path = FastPath(TritonPagedAttention, greedy_choices)
+        runner.attention_cls = TritonPagedAttention
+    else:
+        runner.fast_path = None
+        runner.attention_cls = PagedAttention
+    return engine
+
+
+@pytest.mark.parametrize("decoding", [dict(steps=4), dict(threshold=0.8)])
+def test_triton_path_matches_torch_path(llada, device, decoding):
+    model = copy.deepcopy(llada).to(device)
+    prompts = make_prompts(3, seed=7, lo=3, hi=11)
+    params = SamplingParams(max_tokens=16, block_size=8, cache="dual", **decoding)
+    requests = [(f"r{i}", p, params) for i, p in enumerate(prompts)]
+    torch_path = run_to_completion(_engine(model, fast=False), requests)
+    triton_path = run_to_completion(_engine(model, fast=True), requests)
+    assert {k: v[0] for k, v in triton_path.items()} == {k: v[0] for k, v in torch_path.items()}
+
+
+def test_selection():
+    assert select_fast_path(torch.device("cpu")) is None
+    assert select_fast_path(torch.device("cuda"), "torch") is None
+    with pytest.raises(ValueError):
+        select_fast_path(torch.device("cpu"), "fast")
+    if interpreting():
+        assert select_fast_path(torch.device("cpu"), "triton").attention is TritonPagedAttention
+    else:
+        with pytest.raises(RuntimeError):
+            select_fast_path(torch.device("cpu"), "triton")
+    if torch.cuda.is_available():
+        assert select_fast_path(torch.device("cuda")).attention is TritonPagedAttention
