@@ -1,9 +1,7 @@
 #!/usr/bin/env bash
-# Installs DiLaServe into .venv and runs the main job on a small model built on the fly.
+# Installs DiLaServe into .venv and runs the main job: the demo (a static baseline and
+# DiLaServe serving the embedded model on a local Ray cluster, same bursty trace).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-model_dir="runs/quickstart-model"
-.venv/bin/dilaserve init-model "$model_dir" --family llada
-.venv/bin/dilaserve generate --model "$model_dir" --prompt "What is 12 + 30?" --gen-length 32 \
-  --block-length 8 --threshold 0.9 --cache dual --json
+exec .venv/bin/dilaserve demo --out runs/demo "$@"
