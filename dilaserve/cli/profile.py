@@ -42,7 +42,9 @@ def run_quality(args: argparse.Namespace) -> int:
         entries.append(point.to_dict())
         setting = f"steps={point.steps}" if point.steps else f"threshold={point.threshold} chunk={point.chunk}"
         print(f"{setting:28} accuracy {point.accuracy:6.1%}  tokens/step {point.tokens_per_step:5.2f}", flush=True)
-    model_name = Path(str(args.model)).name
+    from dilaserve.models.store import resolve_model
+
+    model_name = resolve_model(args.model).name
     profile = {
         "model": model_name, "task": args.task, "split": args.split, "block_size": args.block_size,
         "max_tokens": args.max_tokens, "cache": args.cache, "device": args.device, "dtype": args.dtype,
