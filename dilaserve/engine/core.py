@@ -224,6 +224,7 @@ class EngineCore:
             num_finished=self.num_finished,
             num_threshold_lowerings=self.load_control.num_lowerings if self.load_control else 0,
             mean_chunk_size=sum(s.chunk_sum for s in steps) / slots if slots else 0.0,
+            step_cost=(self.cost.cost.fixed_s, self.cost.cost.per_token_s, self.cost.cost.per_context_s),
         )
 
 

@@ -20,3 +20,6 @@ class EngineStats:
     num_finished: int = 0
     num_threshold_lowerings: int = 0
     mean_chunk_size: float = 0.0  # positions queried per request and step, recently
+    # The cost model's current StepCost as (fixed_s, per_token_s, per_context_s): fitted
+    # online from this engine's steps, or its prior (what the simulator needs to mirror it).
+    step_cost: tuple[float, float, float] | None = None

@@ -8,8 +8,9 @@ replicas, not refuse; (2) a ``RequestRouter`` sees replica state as periodically
 routing stats, while slack needs a fresh, per-request prediction (it depends on the prompt
 length, max_tokens and threshold); (3) abort, live threshold changes and per-replica stats
 must reach one particular replica, or every replica, which a handle to a multi-replica
-deployment cannot address. The cost is that scaling a variant means redeploying the
-application with more replica deployments (Serve applies that in place).
+deployment cannot address. The replica set can change live (``add_replica``, ``drain``,
+``remove``): the controller (``dilaserve/controller``) scales that way, because redeploying
+the application restarts every deployment in it.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class Dispatcher:
     admission: AdmissionConfig
     slo: SLOConfig
     in_flight: dict[str, int] = field(default_factory=dict)
+    draining: set[str] = field(default_factory=set)  # replicas that get no new requests
 
     def __post_init__(self) -> None:
         self.router = make_router(self.routing.policy, self.routing.seed)
@@ -73,8 +75,11 @@ class Dispatcher:
     def replicas_of(self, model: str) -> list[ReplicaRef]:
         return [r for r in self.replicas if r.model == model]
 
+    def routable(self, model: str) -> list[ReplicaRef]:
+        return [r for r in self.replicas_of(model) if r.name not in self.draining]
+
     async def estimates(self, model: str, prompt_len: int, params: SamplingParams) -> list[Estimate]:
-        refs = self.replicas_of(model)
+        refs = self.routable(model)
         timeout = self.routing.estimate_timeout_ms / 1e3
         results = await asyncio.gather(
             *(asyncio.wait_for(r.handle.estimate.remote(prompt_len, params), timeout) for r in refs),
@@ -95,6 +100,9 @@ class Dispatcher:
         """Admits (or refuses with ApiError 429) and routes one request; returns its stream
         once the replica has accepted it."""
         estimates = await self.estimates(model, len(prompt_ids), params)
+        # A replica may have started draining while the estimates were on their way; from here
+        # to counting the request in flight nothing awaits, so a drained replica stays drained.
+        estimates = [e for e in estimates if e.replica not in self.draining]
         if not estimates:
             raise ApiError(503, f"no replica of model {model!r} is available", type="service_unavailable",
                            code="no_replica", headers={"Retry-After": "1"})
@@ -163,3 +171,27 @@ class Dispatcher:
         )
         return {r.name: (repr(x) if isinstance(x, BaseException) else x) for r, x in zip(refs, results)}
 
+    # -- a live replica set (the controller's scaling) -----------------------------------------
+    def add_replica(self, ref: ReplicaRef) -> None:
+        if any(r.name == ref.name for r in self.replicas):
+            raise ValueError(f"replica {ref.name!r} is already routed")
+        self.replicas.append(ref)
+
+    def drain(self, name: str) -> None:
+        """No new requests go to ``name``; those in flight finish."""
+        if not any(r.name == name for r in self.replicas):
+            raise ValueError(f"no replica {name!r}")
+        self.draining.add(name)
+
+    def remove(self, name: str) -> None:
+        """Forgets a drained replica (refuses while requests are in flight there)."""
+        if self.in_flight.get(name, 0):
+            raise ValueError(f"replica {name!r} still has {self.in_flight[name]} requests in flight")
+        self.replicas = [r for r in self.replicas if r.name != name]
+        self.draining.discard(name)
+        self.in_flight.pop(name, None)
+
+    def replica_table(self) -> list[dict[str, Any]]:
+        return [{"name": r.name, "model": r.model, "variant": r.variant, "is_draining": r.name in self.draining,
+                 "num_in_flight": self.in_flight.get(r.name, 0), "app_name": getattr(r.handle, "app_name", None),
+                 "deployment_name": getattr(r.handle, "deployment_name", None)} for r in self.replicas]

@@ -5,6 +5,9 @@ server-sent events), GET /health, GET /metrics, and two operator endpoints:
 GET /v1/dilaserve/replicas (load of every replica) and POST /v1/dilaserve/policy (change the
 default threshold / waiting limit of live replicas). Every error is an OpenAI-style body.
 Admission and routing live in ``Dispatcher`` (see there why routing is done here).
+The controller calls four methods through a Serve handle (not HTTP): ``load_report`` (offered
+load, SLO outcomes, lengths, the replica set) and ``add_replica`` / ``drain_replica`` /
+``remove_replica`` (the replica set, changed live).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from dilaserve.models.spec import ModelSpec
 from dilaserve.serving.config import ServeConfig
 from dilaserve.serving.dispatcher import Dispatched, Dispatcher, ReplicaRef
+from dilaserve.serving.load_counters import LoadCounters
 from dilaserve.serving.openai_protocol import (
     ApiError, ChatCompletionRequest, CompletionRequest, StrictBody, invalid, parse_body, resolve_max_tokens,
     slo_targets, to_sampling_params,
@@ -125,6 +129,7 @@ class OpenAIIngress:
 
         _metrics = self.metrics = IngressMetrics()
         self.config = config
+        self.load = LoadCounters()
         self.created = int(time.time())
         self.models = {m.name: await asyncio.to_thread(_load_served_model, m) for m in config.models}
         refs = [ReplicaRef(name, v.model, v.name, replica_handles[name]) for name, v in config.replica_names()]
@@ -177,6 +182,7 @@ class OpenAIIngress:
         params = to_sampling_params(req, self.config.defaults, max_tokens=max_tokens,
                                     default_floor=self.config.slo.quality_floor, stop_token_ids=served.stop_token_ids)
         request_id = f"{'chatcmpl' if is_chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.load.arrive()
         try:
             dispatched = await self.dispatcher.dispatch(
                 request_id, served.name, prompt_ids, params, slo_targets(req), is_best_effort=req.best_effort,
@@ -184,6 +190,7 @@ class OpenAIIngress:
             )
         except ApiError as exc:
             if exc.status == 429:
+                self.load.refuse()
                 self.metrics.admission.inc(tags={"model": served.name, "decision": "refused"})
             raise
         decision = "best_effort" if req.best_effort else "admitted"
@@ -242,6 +249,7 @@ class OpenAIIngress:
             d.stream.cancel()
             self.dispatcher.abort_soon(d.replica, ctx.request_id)
             return
+        self.load.finish(progress.num_prompt_tokens, progress.num_completion_tokens, bool(progress.is_slo_met))
         m, tags = self.metrics, {"model": ctx.model}
         m.e2e.observe(progress.e2e_s, tags)
         if progress.ttft_s is not None:
@@ -289,6 +297,28 @@ class OpenAIIngress:
         results = await self.dispatcher.broadcast("set_policy", update.replicas, threshold=update.threshold,
                                                   max_waiting=update.max_waiting)
         return {"replicas": results}
+
+    # -- the controller's interface (Serve handle calls) ----------------------------------------
+    async def load_report(self) -> dict[str, Any]:
+        """Counters of the offered load since this ingress started, recent lengths, and every
+        routed replica with its in-flight count and its own stats (or the error it gave)."""
+        stats = await self.dispatcher.broadcast("stats", timeout_s=5.0)
+        replicas = [{**row, "stats": stats.get(row["name"])} for row in self.dispatcher.replica_table()]
+        return {**self.load.report(), "replicas": replicas}
+
+    async def add_replica(self, name: str, model: str, variant: str, deployment_name: str, app_name: str) -> None:
+        """Starts routing to a replica that is already running in its own Serve application."""
+        handle = serve.get_deployment_handle(deployment_name, app_name=app_name)
+        self.dispatcher.add_replica(ReplicaRef(name, model, variant, handle))
+        logger.info("routing to replica %s (%s/%s)", name, app_name, deployment_name)
+
+    async def drain_replica(self, name: str) -> None:
+        self.dispatcher.drain(name)
+        logger.info("draining replica %s", name)
+
+    async def remove_replica(self, name: str) -> None:
+        self.dispatcher.remove(name)
+        logger.info("no longer routing to replica %s", name)
 
     def _authorize(self, request: Request) -> None:
         key = self.config.http.api_key
