@@ -14,24 +14,13 @@ import logging
 import sys
 from pathlib import Path
 
+from dilaserve.cli.args import positive
 from dilaserve.errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
 
 FILE_FORMATS = ("auto", "azure", "burstgpt")
 SYNTHETIC_FORMATS = ("synthetic-poisson", "synthetic-gamma", "synthetic-onoff")
-
-
-def _positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return parse
 
 
 def _json_object(text: str) -> dict:
@@ -50,25 +39,25 @@ def add_parser(sub) -> None:
     g = p.add_argument_group("trace")
     g.add_argument("--trace", help="trace CSV (Azure or BurstGPT); with a synthetic format, lengths are resampled from it")
     g.add_argument("--format", default="auto", choices=FILE_FORMATS + SYNTHETIC_FORMATS)
-    g.add_argument("--max-rows", type=_positive(int), help="read at most this many data rows of --trace")
+    g.add_argument("--max-rows", type=positive(int), help="read at most this many data rows of --trace")
     g.add_argument("--burstgpt-model", help="keep only BurstGPT rows of this model (ChatGPT, GPT-4)")
-    g.add_argument("--rate", type=_positive(float), default=2.0, help="synthetic: mean request rate (req/s; on-rate for on/off)")
-    g.add_argument("--cv", type=_positive(float), default=3.0, help="synthetic-gamma: coefficient of variation of gaps")
-    g.add_argument("--on-s", type=_positive(float), default=10.0, help="synthetic-onoff: mean on period (s)")
-    g.add_argument("--off-s", type=_positive(float), default=20.0, help="synthetic-onoff: mean off period (s)")
+    g.add_argument("--rate", type=positive(float), default=2.0, help="synthetic: mean request rate (req/s; on-rate for on/off)")
+    g.add_argument("--cv", type=positive(float), default=3.0, help="synthetic-gamma: coefficient of variation of gaps")
+    g.add_argument("--on-s", type=positive(float), default=10.0, help="synthetic-onoff: mean on period (s)")
+    g.add_argument("--off-s", type=positive(float), default=20.0, help="synthetic-onoff: mean off period (s)")
     g.add_argument("--off-rate", type=float, default=0.0, help="synthetic-onoff: rate during off periods (req/s)")
-    g.add_argument("--prompt-tokens", type=_positive(int), default=256, help="synthetic: mean prompt length (tokens)")
-    g.add_argument("--output-tokens", type=_positive(int), default=64, help="synthetic: mean output length (tokens)")
+    g.add_argument("--prompt-tokens", type=positive(int), default=256, help="synthetic: mean prompt length (tokens)")
+    g.add_argument("--output-tokens", type=positive(int), default=64, help="synthetic: mean output length (tokens)")
     g.add_argument("--length-cv", type=float, default=0.5, help="synthetic: CV of log-normal lengths (0: fixed)")
-    g.add_argument("--rate-scale", type=_positive(float), default=1.0, help="compress inter-arrival times by this factor")
-    g.add_argument("--length-scale", type=_positive(float), default=1.0, help="multiply prompt and output lengths")
-    g.add_argument("--max-prompt-tokens", type=_positive(int))
-    g.add_argument("--max-output-tokens", type=_positive(int))
-    g.add_argument("--max-total-tokens", type=_positive(int))
+    g.add_argument("--rate-scale", type=positive(float), default=1.0, help="compress inter-arrival times by this factor")
+    g.add_argument("--length-scale", type=positive(float), default=1.0, help="multiply prompt and output lengths")
+    g.add_argument("--max-prompt-tokens", type=positive(int))
+    g.add_argument("--max-output-tokens", type=positive(int))
+    g.add_argument("--max-total-tokens", type=positive(int))
     g.add_argument("--cap-mode", default="clip", choices=["clip", "drop"], help="fit over-long requests, or drop them")
     g.add_argument("--start", type=float, default=0.0, help="window start, seconds of replay time")
-    g.add_argument("--duration", type=_positive(float), help="window length, seconds of replay time")
-    g.add_argument("--max-requests", type=_positive(int))
+    g.add_argument("--duration", type=positive(float), help="window length, seconds of replay time")
+    g.add_argument("--max-requests", type=positive(int))
     g.add_argument("--seed", type=int, default=0)
 
     g = p.add_argument_group("endpoint and requests")
@@ -78,14 +67,14 @@ def add_parser(sub) -> None:
     g.add_argument("--task", default="arith", help="prompt content: a task name (scored) or 'filler'")
     g.add_argument("--tokenizer", help="tokenizer.json or model directory, to count prompt tokens exactly")
     g.add_argument("--system", default="dilaserve", help="name of the system under test, in records and tables")
-    g.add_argument("--max-in-flight", type=_positive(int), default=1024)
-    g.add_argument("--timeout", type=_positive(float), default=600.0, help="per-request timeout (s)")
+    g.add_argument("--max-in-flight", type=positive(int), default=1024)
+    g.add_argument("--timeout", type=positive(float), default=600.0, help="per-request timeout (s)")
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--extra-body", type=_json_object, default={}, help="JSON object merged into every request body")
     g.add_argument("--no-progress", action="store_true")
 
     g = p.add_argument_group("SLO")
-    g.add_argument("--slo-scale", type=_positive(float), default=5.0, help="deadline = S x latency alone on an idle replica")
+    g.add_argument("--slo-scale", type=positive(float), default=5.0, help="deadline = S x latency alone on an idle replica")
     g.add_argument("--baseline-base-ms", type=float, help="idle latency: fixed part (ms)")
     g.add_argument("--baseline-prompt-ms", type=float, default=0.0, help="idle latency: ms per prompt token")
     g.add_argument("--baseline-output-ms", type=float, default=0.0, help="idle latency: ms per output token")

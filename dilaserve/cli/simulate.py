@@ -14,21 +14,10 @@ import logging
 import sys
 import time
 
+from dilaserve.cli.args import positive
 from dilaserve.errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
-
-
-def _positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return parse
 
 
 def add_parser(sub) -> None:
@@ -39,23 +28,23 @@ def add_parser(sub) -> None:
     source.add_argument("--trace", help="trace CSV (Azure or BurstGPT format)")
     source.add_argument("--synthetic", metavar="SPEC",
                         help="poisson:RATE:N or gamma:RATE:CV:N (RATE in req/s, N requests)")
-    g.add_argument("--prompt-tokens", type=_positive(int), default=256, help="synthetic: mean prompt length (tokens)")
-    g.add_argument("--output-tokens", type=_positive(int), default=64, help="synthetic: mean output length (tokens)")
+    g.add_argument("--prompt-tokens", type=positive(int), default=256, help="synthetic: mean prompt length (tokens)")
+    g.add_argument("--output-tokens", type=positive(int), default=64, help="synthetic: mean output length (tokens)")
     g.add_argument("--length-cv", type=float, default=0.5, help="synthetic: CV of log-normal lengths (0: fixed)")
-    g.add_argument("--rate-scale", type=_positive(float), default=1.0, help="compress inter-arrival gaps by this")
-    g.add_argument("--max-requests", type=_positive(int), help="keep the first N arrivals")
-    g.add_argument("--max-total-tokens", type=_positive(int), help="clip prompt + output to this (the model's limit)")
+    g.add_argument("--rate-scale", type=positive(float), default=1.0, help="compress inter-arrival gaps by this")
+    g.add_argument("--max-requests", type=positive(int), help="keep the first N arrivals")
+    g.add_argument("--max-total-tokens", type=positive(int), help="clip prompt + output to this (the model's limit)")
     g.add_argument("--seed", type=int, default=0, help="synthetic trace and acceptance draws")
 
     g = p.add_argument_group("cluster")
-    g.add_argument("--replicas", type=_positive(int), default=1)
+    g.add_argument("--replicas", type=positive(int), default=1)
     g.add_argument("--fixed-ms", type=float, help="step cost: fixed part per step (ms); default: the cost prior")
     g.add_argument("--per-token-us", type=float, help="step cost: per token computed (microseconds)")
     g.add_argument("--per-context-ns", type=float, help="step cost: per key/value read (nanoseconds)")
-    g.add_argument("--max-running", type=_positive(int), help="requests decoding at once per replica")
-    g.add_argument("--max-batch-tokens", type=_positive(int), help="token budget per step")
-    g.add_argument("--num-pages", type=_positive(int), help="KV pages per replica")
-    g.add_argument("--block-size", type=_positive(int), default=32)
+    g.add_argument("--max-running", type=positive(int), help="requests decoding at once per replica")
+    g.add_argument("--max-batch-tokens", type=positive(int), help="token budget per step")
+    g.add_argument("--num-pages", type=positive(int), help="KV pages per replica")
+    g.add_argument("--block-size", type=positive(int), default=32)
     g.add_argument("--cache", default="dual", choices=["none", "prefix", "dual"])
     g.add_argument("--quality-profile", help="tokens decided per step per threshold (dilaserve profile quality)")
     g.add_argument("--overhead-ms", type=float, default=0.0,
@@ -65,7 +54,7 @@ def add_parser(sub) -> None:
     g.add_argument("--policy", default="slack", choices=["slack", "round_robin", "power_of_two"])
     g.add_argument("--admission", default="on", choices=["on", "off"])
     g.add_argument("--threshold", type=float, help="replicas' confidence threshold (default: the engine's)")
-    g.add_argument("--slo-scale", type=_positive(float), default=5.0, help="deadline = S x predicted latency alone")
+    g.add_argument("--slo-scale", type=positive(float), default=5.0, help="deadline = S x predicted latency alone")
     g.add_argument("--fidelity", default="fast", choices=["step", "fast"])
 
     g = p.add_argument_group("output")

@@ -92,15 +92,20 @@ def _top(confidence: torch.Tensor, k: int) -> torch.Tensor:
     return commit
 
 
-@dataclass(frozen=True)
-class ThresholdUnmasker:
-    threshold: float
-    temperature: float = 0.0
-    remasking: str = "low_confidence"
+class _ChoosesLikeLLaDA:
+    """LLaDA / Fast-dLLM strategies: tokens and confidences from ``choose_tokens``, then a rule
+    over confidences (``select_chosen``), which a batch of greedy requests can call directly."""
 
     def select(self, logits, *, step, num_masked_in_block, generator):
         tokens, confidence = choose_tokens(logits, self.temperature, self.remasking, generator)
         return self.select_chosen(tokens, confidence, step=step, num_masked_in_block=num_masked_in_block)
+
+
+@dataclass(frozen=True)
+class ThresholdUnmasker(_ChoosesLikeLLaDA):
+    threshold: float
+    temperature: float = 0.0
+    remasking: str = "low_confidence"
 
     def select_chosen(self, tokens, confidence, *, step, num_masked_in_block):
         commit = confidence >= self.threshold
@@ -112,14 +117,10 @@ class ThresholdUnmasker:
 
 
 @dataclass(frozen=True)
-class FixedStepsUnmasker:
+class FixedStepsUnmasker(_ChoosesLikeLLaDA):
     steps_per_block: int
     temperature: float = 0.0
     remasking: str = "low_confidence"
-
-    def select(self, logits, *, step, num_masked_in_block, generator):
-        tokens, confidence = choose_tokens(logits, self.temperature, self.remasking, generator)
-        return self.select_chosen(tokens, confidence, step=step, num_masked_in_block=num_masked_in_block)
 
     def select_chosen(self, tokens, confidence, *, step, num_masked_in_block):
         schedule = fixed_schedule(num_masked_in_block, self.steps_per_block)
