@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random checkpoints in the published LLaDA and Dream formats."""
+"""Shared fixtures: tiny random checkpoints in the published LLaDA, Dream and SDAR formats."""
 
 from __future__ import annotations
 
@@ -20,6 +20,18 @@ def llada_dir(tmp_path_factory):
 def dream_dir(tmp_path_factory):
     # Grouped-query attention, as Dream-7B has (28 query heads over 4 KV heads).
     return make_random_checkpoint(tmp_path_factory.mktemp("dream"), "dream", seed=2, num_heads=4, num_kv_heads=2)
+
+
+@pytest.fixture(scope="session")
+def sdar_dir(tmp_path_factory):
+    # Block size 4 as SDAR-*-Chat; GQA and an explicit head_dim != hidden / heads, as Qwen3 has.
+    return make_random_checkpoint(tmp_path_factory.mktemp("sdar"), "sdar", seed=3, num_heads=4, num_kv_heads=2,
+                                  head_dim=24, block_size=4)
+
+
+@pytest.fixture(scope="session")
+def sdar(sdar_dir):
+    return load_model(sdar_dir)
 
 
 @pytest.fixture(scope="session")

@@ -33,6 +33,7 @@ from dilaserve.engine.sampling_params import RequestOutput, SamplingParams
 from dilaserve.engine.scheduler import Scheduler
 from dilaserve.engine.stats import EngineStats
 from dilaserve.errors import InvalidRequestError, QueueFullError
+from dilaserve.generation.blocks import block_origin, check_block_causal_settings
 from dilaserve.models.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,18 @@ class Runner(Protocol):
     def run(self, plan: StepPlan) -> StepOutput: ...
 
     def release(self, request_id: str) -> None: ...
+
+
+def check_cache_for_model(spec: ModelSpec, params: SamplingParams) -> None:
+    """Block-causal models decode their own blocks with cache 'exact' or 'none'; bidirectional
+    models have no exact cache. Raises InvalidRequestError."""
+    if spec.causal_block_size:
+        check_block_causal_settings(spec.causal_block_size, params.block_size, params.cache, params.refresh_interval)
+    elif params.cache == "exact":
+        raise InvalidRequestError(
+            f"cache 'exact' is for block-causal models (SDAR); model {spec.model_type!r} is bidirectional: "
+            "use 'none', 'prefix' or 'dual'"
+        )
 
 
 class EngineCore:
@@ -77,6 +90,7 @@ class EngineCore:
         if bad is not None:
             raise InvalidRequestError(f"token id {bad} is outside the vocabulary [0, {self.spec.vocab_size})")
         params.validate()
+        check_cache_for_model(self.spec, params)
         seq_len = len(prompt_ids) + params.max_tokens
         if seq_len > self.spec.max_positions:
             raise InvalidRequestError(
@@ -94,6 +108,7 @@ class EngineCore:
         return Request(
             request_id, list(prompt_ids), params, self.spec.mask_token_id, stop_ids, self.clock(),
             deadline_s, threshold=threshold,
+            block_origin=block_origin(len(prompt_ids), self.spec.causal_block_size),
         )
 
     def add(self, request: Request) -> None:

@@ -8,6 +8,12 @@ come from a latency profile on GPUs, or are fitted online from the engine's own 
 squares over a sliding window) when no profile exists, as on CPU. A request's predicted
 latency walks its blocks: one refresh step, then reuse steps until the block is decided at the
 expected tokens decided per step for its threshold.
+
+Block-causal models with the exact cache (SDAR) have no refresh: every step computes one block
+(a block's first step also recomputes the block before it, whose keys and values become final;
+a request's first step also prefills its prompt), so tokens computed per step do not grow with
+the context; per-step cost grows with context only through attention (``context_tokens_read``
+is the sequence up to the current block).
 """
 
 from __future__ import annotations
@@ -80,6 +86,8 @@ def request_work(seq_len: int, remaining: int, block_size: int, tokens_per_step:
     """Work to decide the last ``remaining`` positions of a ``seq_len`` sequence: per block one
     refresh of the whole sequence, then reuse steps over the block (dual), block + suffix
     (prefix) or the whole sequence (none)."""
+    if cache == "exact":
+        return _exact_work(seq_len, remaining, block_size, tokens_per_step)
     steps = tokens = 0.0
     while remaining > 0:
         block = min(block_size, remaining)
@@ -89,6 +97,24 @@ def request_work(seq_len: int, remaining: int, block_size: int, tokens_per_step:
         tokens += seq_len + (block_steps - 1) * reuse
         remaining -= block
     return Work(steps, tokens, steps * seq_len)
+
+
+def _exact_work(seq_len: int, remaining: int, block_size: int, tokens_per_step: float) -> Work:
+    """Block-causal exact cache: per block, steps x block tokens plus the previous block's
+    recomputation on its first step (the prompt's prefill for the first block); attention reads
+    the sequence up to the block's end."""
+    steps = tokens = context = 0.0
+    done = seq_len - remaining  # the prompt (or what is decided) before the first block
+    previous = done
+    while remaining > 0:
+        block = min(block_size, remaining)
+        block_steps = max(1, int(np.ceil(block / tokens_per_step)))
+        end = done + block
+        steps += block_steps
+        tokens += block_steps * block + previous
+        context += block_steps * end
+        previous, done, remaining = block, end, remaining - block
+    return Work(steps, tokens, context)
 
 
 def work_s(cost: StepCost, work: Work) -> float:

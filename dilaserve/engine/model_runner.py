@@ -34,6 +34,10 @@ class ModelRunner:
         # Triton kernels on CUDA (attention + fused logit budget), else the pure-torch path.
         self.fast_path = select_fast_path(self.device, kernels)
         self.attention_cls = self.fast_path.attention if self.fast_path else PagedAttention
+        if self.spec.causal_block_size:
+            # The Triton attention kernel has no block-causal mask yet: block-causal models take
+            # the pure-torch attention (the fused logit budget still applies).
+            self.attention_cls = PagedAttention
         self._generators: dict[str, torch.Generator] = {}
         self._slot_maps: dict[str, torch.Tensor] = {}
 
@@ -66,7 +70,8 @@ class ModelRunner:
             ids.extend(r.canvas[item.compute_start:item.compute_end])
             positions.append(torch.arange(item.compute_start, item.compute_end))
             slots.append(all_slots[item.compute_start:item.compute_end])
-            key_slots.append(all_slots)
+            # Block-causal queries see nothing past their block, which ends the computed range.
+            key_slots.append(all_slots[:item.compute_end] if self.spec.causal_block_size else all_slots)
             q_counts.append(item.num_tokens)
         num_req = len(plan.items)
         q_max, l_max = max(q_counts), max(len(k) for k in key_slots)
@@ -81,9 +86,14 @@ class ModelRunner:
             key_index[i, : len(ks)] = ks
             key_valid[i, : len(ks)] = True
         dev = self.device
+        extra = {}
+        if self.spec.causal_block_size:
+            starts = torch.tensor([item.compute_start for item in plan.items])
+            extra = dict(query_positions=(starts.unsqueeze(1) + offs).to(dev),
+                         causal_block_size=self.spec.causal_block_size)
         attn = self.attention_cls(
             self.cache, torch.cat(slots).to(dev), query_index.to(dev), query_valid.to(dev),
-            key_index.to(dev), key_valid.to(dev),
+            key_index.to(dev), key_valid.to(dev), **extra,
         )
         return (torch.tensor(ids, device=dev), torch.cat(positions).to(dev), attn, q_starts.tolist())
 

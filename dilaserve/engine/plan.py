@@ -27,6 +27,12 @@ class ScheduledRequest:
     def num_tokens(self) -> int:
         return self.compute_end - self.compute_start
 
+    @property
+    def num_context_tokens(self) -> int:
+        """Keys and values the step reads: the whole sequence, except with the exact cache of
+        block-causal models, whose queries see nothing past their block."""
+        return self.compute_end if self.request.params.cache == "exact" else self.request.seq_len
+
 
 class StepPlan:
     """The requests of one step, with running totals the scheduler checks budgets against."""
@@ -35,12 +41,12 @@ class StepPlan:
         self.items: list[ScheduledRequest] = []
         self.num_tokens = 0
         self.num_refresh_tokens = 0
-        self.num_context_tokens = 0  # keys and values read: each request attends its whole sequence
+        self.num_context_tokens = 0  # keys and values read (ScheduledRequest.num_context_tokens)
 
     def add(self, item: ScheduledRequest) -> None:
         self.items.append(item)
         self.num_tokens += item.num_tokens
-        self.num_context_tokens += item.request.seq_len
+        self.num_context_tokens += item.num_context_tokens
         if item.is_refresh:
             self.num_refresh_tokens += item.num_tokens
 

@@ -44,6 +44,11 @@ class Request:
     # cache reuse step recomputes the block up to here.
     dirty_until: int = -1
     has_cache: bool = False  # the KV pages hold this request's refreshed keys and values
+    # Where block 0 starts: the prompt's end (bidirectional models, the default) or, for
+    # block-causal models, the prompt's last block boundary (blocks align to position 0).
+    block_origin: int | None = None
+    # Exact cache (block-causal models): positions below hold their final keys and values.
+    cached_until: int = 0
     threshold: float | None = None  # current threshold (load control may lower it)
     num_emitted: int = 0  # generated tokens already streamed
     pages: list[int] = field(default_factory=list)
@@ -56,7 +61,9 @@ class Request:
             self.canvas = list(self.prompt_ids) + [self.mask_id] * self.params.max_tokens
         if self.threshold is None:
             self.threshold = self.params.threshold
-        self.num_masked_at_block_start = self.block_end - self.block_start
+        if self.block_origin is None:
+            self.block_origin = self.prompt_len
+        self.num_masked_at_block_start = len(self.masked_in_block())
 
     def set_status(self, status: RequestStatus) -> None:
         if not self.status.can_become(status):
@@ -73,7 +80,7 @@ class Request:
 
     @property
     def block_start(self) -> int:
-        return self.prompt_len + self.block_idx * self.params.block_size
+        return self.block_origin + self.block_idx * self.params.block_size
 
     @property
     def block_end(self) -> int:

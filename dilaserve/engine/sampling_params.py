@@ -13,7 +13,8 @@ from dilaserve.generation.names import DREAM_ALGORITHMS, REMASKING
 if TYPE_CHECKING:
     from dilaserve.generation.unmasking import Unmasker
 
-CACHE_MODES = ("none", "prefix", "dual")
+# "exact" is for block-causal models only (checked against the model when a request is added).
+CACHE_MODES = ("none", "prefix", "dual", "exact")
 
 
 @dataclass(frozen=True)

@@ -121,6 +121,8 @@ class Scheduler:
                 counters.num_refresh_steps += 1
                 request.has_cache = request.params.cache != "none"
                 request.dirty_until = -1
+            # Exact cache: this step computed everything before the block with committed tokens.
+            request.cached_until = request.block_start
             request.commit(list(decision.positions), list(decision.tokens))
             self.chunk_control.observe(request, item.chunk, len(decision.positions))
             request.advance_block_if_done()

@@ -9,8 +9,32 @@ block's masked positions, and lets the unmasking strategy commit some of them:
   forward that stores every position's keys and values, and also decodes); later steps
   compute only block + suffix (prefix) or only the block (dual) against the stored keys and
   values. ``refresh_interval`` N adds a refresh on every N-th step of a block.
+- cache ``exact`` (block-causal models such as SDAR, whose attention is bidirectional inside a
+  block and causal across blocks): the cache of finished blocks is exact, so there is no
+  refresh. A step computes the current block against the cached prefix; see below.
 
 The same loop serves every mode; only the set of computed positions changes.
+
+Block-causal models (``spec.causal_block_size`` B > 0) follow JetAstra/SDAR ``generate.py``
+(``block_diffusion_generate``):
+
+- blocks are the model's attention blocks, aligned to absolute position 0, so the decoding
+  block size must equal B. The prompt's whole blocks are the prefix; its tail (``prompt_len % B``
+  tokens) sits, committed, at the start of the first decoded block, and each step computes it
+  with that block. The last block ends at ``prompt_len + gen_length`` (the published code pads
+  the canvas to a whole block and decodes the padding too; we do not generate past the end).
+- ``exact``: a step computes the positions from the first one whose cached keys and values are
+  not final up to the current block's end, attending to the cache below and bidirectionally
+  within its block. The published code stores a finished block's keys and values by one more
+  forward of the block with its committed tokens (``store_kv=True``) before the next block; here
+  that recomputation rides on the next block's first step instead (its computed range starts
+  at the finished block), and the prompt prefill rides on the first step. Block-causal masking
+  makes the two the same function (the finished block's queries see only keys up to its end,
+  and every layer writes the new keys before attending), one forward per block cheaper; the
+  last block is never stored because nothing reads it.
+- ``none``: every step is a full block-causal forward of prompt + canvas.
+- fixed steps: ``steps`` is divided by ``ceil(gen_length / B)``; an unaligned prompt adds one
+  block, which takes the same number of steps.
 """
 
 from __future__ import annotations
@@ -20,11 +44,12 @@ from dataclasses import dataclass, field
 import torch
 
 from dilaserve.errors import InvalidRequestError
+from dilaserve.generation.blocks import block_origin, check_block_causal_settings
 from dilaserve.generation.unmasking import DREAM_ALGORITHMS, Unmasker, make_unmasker
 from dilaserve.models.attention import ContiguousCacheAttention, DenseAttention, new_contiguous_cache
 from dilaserve.models.base import DiffusionLM
 
-CACHE_MODES = ("none", "prefix", "dual")
+CACHE_MODES = ("none", "prefix", "dual", "exact")
 
 
 @dataclass(frozen=True)
@@ -47,15 +72,25 @@ class GenerationConfig:
 
     @property
     def num_blocks(self) -> int:
-        return self.gen_length // self.block_length
+        """Blocks the fixed-steps budget is divided over."""
+        return -(-self.gen_length // self.block_length)
 
-    def validate(self, prompt_len: int, vocab_size: int, max_positions: int) -> Unmasker:
-        """Raises InvalidRequestError with a readable message; returns the unmasking strategy."""
+    def validate(self, prompt_len: int, vocab_size: int, max_positions: int, causal_block_size: int = 0) -> Unmasker:
+        """Raises InvalidRequestError with a readable message; returns the unmasking strategy.
+
+        ``causal_block_size``: the model's attention block (0: bidirectional model)."""
         if prompt_len < 1:
             raise InvalidRequestError("the prompt is empty")
         if self.gen_length < 1 or self.block_length < 1:
             raise InvalidRequestError("gen_length and block_length must be >= 1")
-        if self.gen_length % self.block_length:
+        if causal_block_size:
+            check_block_causal_settings(causal_block_size, self.block_length, self.cache, self.refresh_interval)
+        elif self.cache == "exact":
+            raise InvalidRequestError(
+                "cache 'exact' is for block-causal models (SDAR); this model is bidirectional: "
+                "use 'none', 'prefix' or 'dual'"
+            )
+        elif self.gen_length % self.block_length:
             raise InvalidRequestError(
                 f"gen_length {self.gen_length} is not divisible by block_length {self.block_length}"
             )
@@ -111,7 +146,7 @@ def truncate_at_eos(canvas: list[int], stop_ids: set[int]) -> list[int]:
 def generate(model: DiffusionLM, prompt_ids: list[int], config: GenerationConfig) -> GenerationResult:
     """Decodes one request by the published semantics (see module docstring)."""
     spec = model.spec
-    unmasker = config.validate(len(prompt_ids), spec.vocab_size, spec.max_positions)
+    unmasker = config.validate(len(prompt_ids), spec.vocab_size, spec.max_positions, spec.causal_block_size)
     check_prompt_ids(prompt_ids, spec.vocab_size)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -127,15 +162,22 @@ def generate(model: DiffusionLM, prompt_ids: list[int], config: GenerationConfig
     )
     nfe = 0
     steps_per_block = []
-    for block in range(config.num_blocks):
-        start = prompt_len + block * config.block_length
-        end = start + config.block_length
+    cached_until = 0  # exact cache: positions below hold their final keys and values
+    origin = block_origin(prompt_len, spec.causal_block_size)
+    for start in range(origin, total, config.block_length):
+        end = min(start + config.block_length, total)
         num_masked_at_start = int((x[start:end] == spec.mask_token_id).sum())
         step = 0
         while bool((x[start:end] == spec.mask_token_id).any()):
             interval = config.refresh_interval
-            if config.cache == "none":
-                computed, attn = all_positions, DenseAttention([total])  # plain full forward
+            if config.cache == "none":  # plain full forward
+                computed = all_positions
+                attn = DenseAttention([total], positions=all_positions, causal_block_size=spec.causal_block_size)
+            elif config.cache == "exact":
+                computed = all_positions[cached_until:end]
+                attn = ContiguousCacheAttention(
+                    cache, computed.unsqueeze(0), visible_len=end, causal_block_size=spec.causal_block_size
+                )
             else:
                 if step == 0 or (interval and step % interval == 0):
                     computed = all_positions  # refresh: every position's k, v stored anew
@@ -146,6 +188,7 @@ def generate(model: DiffusionLM, prompt_ids: list[int], config: GenerationConfig
                 attn = ContiguousCacheAttention(cache, computed.unsqueeze(0), visible_len=total)
             hidden = model(x[computed], computed, attn)
             nfe += 1
+            cached_until = start  # everything before this block was computed with committed tokens
 
             masked = torch.nonzero(x[start:end] == spec.mask_token_id).squeeze(1) + start
             rows = masked - int(computed[0])

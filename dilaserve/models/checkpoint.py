@@ -53,6 +53,31 @@ def dream_config(
     }
 
 
+def sdar_config(
+    *, hidden_size: int, num_hidden_layers: int, num_attention_heads: int, num_key_value_heads: int,
+    intermediate_size: int, vocab_size: int, mask_token_id: int, eos_token_id: int, block_size: int = 4,
+    head_dim: int | None = None, max_position_embeddings: int = 32768, rope_theta: float = 1000000.0,
+    tie_word_embeddings: bool = False,
+) -> dict[str, Any]:
+    """A config.json with SDAR's field names: Qwen3's (explicit ``head_dim``, QK-norm implied)
+    plus ``block_size`` and ``mask_token_id`` (JetAstra/SDAR-*-Chat)."""
+    return {
+        "architectures": ["SDARForCausalLM"], "model_type": "sdar", "hidden_act": "silu",
+        "auto_map": {"AutoConfig": "configuration_sdar.SDARConfig",
+                     "AutoModelForCausalLM": "modeling_sdar.SDARForCausalLM"},
+        "hidden_size": hidden_size, "num_hidden_layers": num_hidden_layers,
+        "num_attention_heads": num_attention_heads, "num_key_value_heads": num_key_value_heads,
+        "head_dim": head_dim or hidden_size // num_attention_heads, "intermediate_size": intermediate_size,
+        "vocab_size": vocab_size, "max_position_embeddings": max_position_embeddings,
+        "rope_theta": rope_theta, "rope_scaling": None, "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": tie_word_embeddings, "attention_bias": False, "attention_dropout": 0.0,
+        "use_sliding_window": False, "sliding_window": None, "max_window_layers": num_hidden_layers,
+        "block_size": block_size, "mask_token_id": mask_token_id, "eos_token_id": eos_token_id,
+        "pad_token_id": eos_token_id, "bos_token_id": eos_token_id, "fuse_cross_entropy": False,
+        "use_cache": True,
+    }
+
+
 def save_checkpoint(model: DiffusionLM, config: dict[str, Any], directory: str | Path) -> Path:
     """config.json + model.safetensors, with the family's published weight names."""
     directory = Path(directory)
@@ -89,11 +114,13 @@ def make_random_checkpoint(
     directory: str | Path, family: str = "llada", *, seed: int = 0, hidden_size: int = 64,
     num_layers: int = 2, num_heads: int = 4, num_kv_heads: int | None = None, intermediate_size: int = 128,
     vocab_size: int = 320, max_positions: int = 1024, with_tokenizer: bool = True,
+    block_size: int = 4, head_dim: int | None = None,
 ) -> Path:
     """A tiny random model in the family's published format, with a byte-level tokenizer.
 
     The mask and end-of-sequence ids are the tokenizer's; ``vocab_size`` may exceed the
-    tokenizer (as in LLaDA, whose embedding has unused rows).
+    tokenizer (as in LLaDA, whose embedding has unused rows). ``block_size`` and ``head_dim``
+    apply to SDAR only (its block-diffusion block and explicit head width).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -116,6 +143,13 @@ def make_random_checkpoint(
             num_key_value_heads=num_kv_heads or num_heads, intermediate_size=intermediate_size,
             vocab_size=vocab_size, mask_token_id=mask_id, eos_token_id=eos_id,
             max_position_embeddings=max_positions,
+        )
+    elif family == "sdar":
+        config = sdar_config(
+            hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+            num_key_value_heads=num_kv_heads or num_heads, intermediate_size=intermediate_size,
+            vocab_size=vocab_size, mask_token_id=mask_id, eos_token_id=eos_id, block_size=block_size,
+            head_dim=head_dim, max_position_embeddings=max_positions,
         )
     else:
         raise ValueError(f"unknown family {family!r}; known: {sorted(FAMILIES)}")

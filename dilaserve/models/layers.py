@@ -72,13 +72,20 @@ def transformer_block(
     rotary: tuple[torch.Tensor, torch.Tensor],
     attn: AttentionBackend,
     head_dim: int,
+    q_norm: RMSNorm | None = None,
+    k_norm: RMSNorm | None = None,
 ) -> torch.Tensor:
-    """One pre-norm block: x + attn(norm(x)), then h + down(silu(gate(norm(h))) * up(norm(h)))."""
+    """One pre-norm block: x + attn(norm(x)), then h + down(silu(gate(norm(h))) * up(norm(h))).
+
+    ``q_norm`` / ``k_norm`` (Qwen3's QK-norm): RMSNorm of each head's query and key over
+    head_dim, before the rotary embedding."""
     n = x.shape[0]
     h = attn_norm(x)
     q = q_proj(h).view(n, -1, head_dim)
     k = k_proj(h).view(n, -1, head_dim)
     v = v_proj(h).view(n, -1, head_dim)
+    if q_norm is not None:
+        q, k = q_norm(q), k_norm(k)
     cos, sin = rotary
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     a = attn(layer_idx, q, k, v)

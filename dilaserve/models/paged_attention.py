@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dilaserve.models.attention import padded_attention
+from dilaserve.models.attention import causal_block_mask, padded_attention
 
 
 class PagedKVCache:
@@ -34,7 +34,9 @@ class PagedAttention:
 
     slot_mapping [N]: where each packed token's k, v go. query_index [R, Qmax] / query_valid:
     packed rows of each request's queries (padded). key_slots [R, Lmax] / key_valid: the slots of
-    each request's whole sequence, in position order (padded).
+    each request's sequence from position 0, in position order (padded), so key j is at
+    position j. For block-causal models ``causal_block_size`` > 0 and ``query_positions``
+    [R, Qmax] give each query's position: a query sees keys of its own and earlier blocks.
     """
 
     cache: PagedKVCache
@@ -43,12 +45,16 @@ class PagedAttention:
     query_valid: torch.Tensor
     key_slots: torch.Tensor
     key_valid: torch.Tensor
+    query_positions: torch.Tensor | None = None
+    causal_block_size: int = 0
 
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_pool, v_pool = self.cache.k[layer_idx], self.cache.v[layer_idx]
         k_pool[self.slot_mapping] = k
         v_pool[self.slot_mapping] = v
-        out = padded_attention(
-            q[self.query_index], k_pool[self.key_slots], v_pool[self.key_slots], self.key_valid.unsqueeze(1)
-        )
+        mask = self.key_valid.unsqueeze(1)  # [R, 1, Lmax]
+        if self.causal_block_size:
+            k_pos = torch.arange(self.key_slots.shape[1], device=q.device)
+            mask = mask & causal_block_mask(self.query_positions, k_pos, self.causal_block_size)
+        out = padded_attention(q[self.query_index], k_pool[self.key_slots], v_pool[self.key_slots], mask)
         return out[self.query_valid]

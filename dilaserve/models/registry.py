@@ -20,7 +20,8 @@ from dilaserve.errors import CheckpointError
 from dilaserve.models.base import DiffusionLM
 from dilaserve.models.dream import DreamModel
 from dilaserve.models.llada import LLaDAModel
-from dilaserve.models.spec import ModelSpec, dream_spec, llada_spec
+from dilaserve.models.sdar import SDARModel
+from dilaserve.models.spec import ModelSpec, dream_spec, llada_spec, sdar_spec
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "llada": Family(llada_spec, LLaDAModel),
     "dream": Family(dream_spec, DreamModel),
+    "sdar": Family(sdar_spec, SDARModel),
 }
 
 
