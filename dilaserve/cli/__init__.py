@@ -9,7 +9,7 @@ import sys
 
 from dilaserve.errors import DiLaServeError
 
-SUBCOMMANDS = ("demo", "generate", "init-model", "serve", "replay", "simulate", "plan", "eval", "profile")
+SUBCOMMANDS = ("demo", "generate", "init-model", "serve", "replay", "simulate", "plan", "control", "eval", "profile")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -37,13 +37,24 @@ class AcceptanceModel:
             raise ValueError("tokens decided per step must be >= 1")
 
     @classmethod
-    def from_quality_profile(cls, path: str | Path) -> AcceptanceModel:
-        """Reads the ``entries`` of a quality profile (threshold-decoded ones only)."""
+    def from_quality_profile(cls, path: str | Path, chunk: int | None = None) -> AcceptanceModel:
+        """Reads the ``entries`` of a quality profile (threshold-decoded ones only).
+
+        A profile may measure several chunk sizes at each threshold (``--chunks 32,8``), and a
+        smaller chunk caps tokens per step. ``chunk`` keeps the entries of that chunk size;
+        without it, full-block entries (no chunk, or chunk >= block size: what the engine's
+        default fixed chunk control queries) when the profile has any, else all."""
         data = json.loads(Path(path).read_text())
+        entries = [e for e in data.get("entries", []) if e.get("threshold") is not None and e.get("tokens_per_step")]
+        if chunk is not None:
+            entries = [e for e in entries if e.get("chunk") == chunk]
+        else:
+            full = [e for e in entries if e.get("chunk") is None
+                    or e["chunk"] >= e.get("block_size", data.get("block_size", e["chunk"]))]
+            entries = full or entries
         pairs = {}
-        for entry in data.get("entries", []):
-            if entry.get("threshold") is not None and entry.get("tokens_per_step"):
-                pairs[float(entry["threshold"])] = max(1.0, float(entry["tokens_per_step"]))
+        for entry in entries:
+            pairs[float(entry["threshold"])] = max(1.0, float(entry["tokens_per_step"]))
         if not pairs:
             raise ValueError(f"{path}: no threshold-decoded entry with tokens_per_step")
         return cls(tuple(pairs.items()))

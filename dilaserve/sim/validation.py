@@ -21,6 +21,7 @@ class Tolerance:
     attainment: float = 0.05  # absolute (0.05: five percentage points)
     latency: float = 0.15  # relative, for TTFT and end-to-end p50 / p90
     tail_latency: float = 0.25  # relative, for p99
+    p90_latency: float | None = None  # relative, for p90 when it differs from ``latency``
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,11 @@ def compare(real: Sequence[RequestRecord], simulated: Sequence[RequestRecord],
             name = f"{kind[:-2]} {q}"
             base = getattr(real_summary, q)
             differences[name] = (getattr(sim_summary, q) - base) / base if base > 0 else 0.0
-            limit = tolerance.tail_latency if q == "p99" else tolerance.latency
+            limit = tolerance.latency
+            if q == "p99":
+                limit = tolerance.tail_latency
+            elif q == "p90" and tolerance.p90_latency is not None:
+                limit = tolerance.p90_latency
             if abs(differences[name]) > limit:
                 violations.append(name)
     return Comparison(r, s, differences, tuple(violations))

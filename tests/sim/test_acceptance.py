@@ -56,3 +56,13 @@ def test_draws_stay_within_bounds():
     rng = np.random.default_rng(0)
     draws = [AcceptanceModel.draw(rng, 5.0, 3) for _ in range(1000)]
     assert min(draws) >= 1 and max(draws) == 3
+
+
+def test_profile_with_several_chunk_sizes_reads_full_blocks_unless_told(tmp_path):
+    path = tmp_path / "quality.json"
+    path.write_text(json.dumps({"block_size": 32, "entries": [
+        {"threshold": 0.9, "chunk": 32, "block_size": 32, "tokens_per_step": 22.5},
+        {"threshold": 0.9, "chunk": 8, "block_size": 32, "tokens_per_step": 7.5},  # listed last: must not win
+    ]}))
+    assert AcceptanceModel.from_quality_profile(path).mean(0.9, 32) == pytest.approx(22.5)
+    assert AcceptanceModel.from_quality_profile(path, chunk=8).mean(0.9, 32) == pytest.approx(7.5)

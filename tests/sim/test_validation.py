@@ -36,3 +36,11 @@ def test_a_simulation_against_itself_at_another_fidelity():
     step = simulate(trace, ClusterConfig.homogeneous(3), SimPolicies(fidelity="step"))
     fast = simulate(trace, ClusterConfig.homogeneous(3))
     assert compare(step, fast).is_within, compare(step, fast).summary()
+
+
+def test_p90_can_have_its_own_tolerance():
+    real = [record(i, 0.5 + 0.01 * i) for i in range(50)]
+    tail_slower = [record(i, (0.5 + 0.01 * i) * (1.5 if i >= 40 else 1.0)) for i in range(50)]
+    loose = Tolerance(attainment=1.0, latency=0.1, p90_latency=0.6, tail_latency=0.6)
+    assert "e2e p90" in compare(real, tail_slower, Tolerance(attainment=1.0, latency=0.1, tail_latency=0.6)).violations
+    assert compare(real, tail_slower, loose).is_within, compare(real, tail_slower, loose).summary()
