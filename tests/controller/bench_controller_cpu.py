@@ -168,8 +168,9 @@ def write_report(results: dict, meta: dict, out_dir: Path) -> Path:
     lines = [f"# Controller on CPU: a load step ({date})", "",
              "`tests/controller/bench_controller_cpu.py` — real Ray Serve on 127.0.0.1, the embedded "
              "`dilaserve-tiny-arith` model, checkable arithmetic prompts through `/v1/chat/completions`, "
-             "open-loop Poisson arrivals whose rate doubles mid-trace. Both systems start from one replica "
-             "(1 CPU thread, threshold 0.9); the controller may run 2. Machine: "
+             "open-loop Poisson arrivals whose rate doubles mid-trace. static and controller start from one "
+             "replica (1 CPU thread, threshold 0.9) and the controller may run 2; static-2 runs two replicas "
+             "throughout (the upper bound). Machine: "
              f"{meta['cpus']} CPU cores.", "",
              "| setting | value |", "|---|---|"]
     for k, v in meta.items():
