@@ -34,10 +34,6 @@ class ModelRunner:
         # Triton kernels on CUDA (attention + fused logit budget), else the pure-torch path.
         self.fast_path = select_fast_path(self.device, kernels)
         self.attention_cls = self.fast_path.attention if self.fast_path else PagedAttention
-        if self.spec.causal_block_size:
-            # The Triton attention kernel has no block-causal mask yet: block-causal models take
-            # the pure-torch attention (the fused logit budget still applies).
-            self.attention_cls = PagedAttention
         self._generators: dict[str, torch.Generator] = {}
         self._slot_maps: dict[str, torch.Tensor] = {}
 

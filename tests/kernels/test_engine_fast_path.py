@@ -44,6 +44,19 @@ def test_triton_path_matches_torch_path(llada, device, decoding):
     assert {k: v[0] for k, v in triton_path.items()} == {k: v[0] for k, v in torch_path.items()}
 
 
+def test_block_causal_model_on_the_triton_path(sdar, device):
+    """SDAR (exact cache, block-causal) through the kernel's block-causal mask: same tokens."""
+    model = copy.deepcopy(sdar).to(device)
+    prompts = make_prompts(3, seed=8, lo=2, hi=9)
+    block = model.spec.causal_block_size
+    params = SamplingParams(max_tokens=3 * block, block_size=block, cache="exact", threshold=0.7)
+    requests = [(f"r{i}", p, params) for i, p in enumerate(prompts)]
+    torch_path = run_to_completion(_engine(model, fast=False), requests)
+    triton_path = run_to_completion(_engine(model, fast=True), requests)
+    assert {k: v[0] for k, v in triton_path.items()} == {k: v[0] for k, v in torch_path.items()}
+    assert all(len(v[0]) > 0 for v in torch_path.values())
+
+
 def test_selection():
     assert select_fast_path(torch.device("cpu")) is None
     assert select_fast_path(torch.device("cuda"), "torch") is None

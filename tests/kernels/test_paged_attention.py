@@ -62,6 +62,52 @@ def test_kernel_matches_reference(query_counts, context_lens, heads, kv_heads, h
     assert rel_err(out, ref) <= TOLERANCE[dtype]
 
 
+CAUSAL_CASES = [
+    # query counts, context lengths, first query position, block size, heads, kv heads, head dim, page, dtype
+    pytest.param([4, 1, 8], [8, 13, 24], [4, 12, 16], 4, 4, 2, 24, 4, torch.float32, id="sdar-fp32-d24"),
+    pytest.param([40, 3], [40, 70], [0, 67], 8, 8, 2, 64, 16, torch.bfloat16, id="prefill-bf16-d64"),
+    pytest.param([5], [133], [128], 4, 2, 2, 16, 8, torch.float16, id="long-context-fp16"),
+]
+
+
+@pytest.mark.parametrize("query_counts, context_lens, first_pos, block, heads, kv_heads, head_dim, page_size, dtype",
+                         CAUSAL_CASES)
+def test_block_causal_kernel_matches_reference(query_counts, context_lens, first_pos, block, heads, kv_heads,
+                                               head_dim, page_size, dtype, device):
+    args = make_case(query_counts, context_lens, heads, kv_heads, head_dim, page_size, dtype, device, seed=5)
+    q_start = torch.tensor(first_pos, dtype=torch.int32, device=device)
+    out = torch.full_like(args[0], torch.nan)
+    paged_attention(*args, page_size, out=out, causal_block_size=block, query_pos_start=q_start)
+    assert not out.isnan().any()
+    ref = paged_attention_reference(*(a.double() if a.is_floating_point() else a for a in args), page_size,
+                                    causal_block_size=block, query_pos_start=q_start)
+    assert rel_err(out, ref) <= TOLERANCE[dtype]
+    # The mask matters: the bidirectional answer differs wherever a query sees past its block.
+    full = paged_attention_reference(*(a.double() if a.is_floating_point() else a for a in args), page_size)
+    assert rel_err(full, ref) > 1e-3
+
+
+def test_block_causal_reference_is_the_torch_backend(device):
+    """The kernel's (query_pos_start, block) form means what PagedAttention's block-causal mask does."""
+    query_counts, context_lens, page_size, block = [4, 3], [12, 11], 4, 4
+    q, k_pool, v_pool, starts, tables, lens = make_case(query_counts, context_lens, 4, 2, 16, page_size,
+                                                       torch.float32, device, seed=6)
+    k_pool, v_pool = k_pool.nan_to_num(0.0), v_pool.nan_to_num(0.0)
+    cache = PagedKVCache(1, k_pool.shape[0] // page_size, page_size, 2, 16, torch.float32, device)
+    cache.k[0].copy_(k_pool)
+    cache.v[0].copy_(v_pool)
+    backend = _torch_backend(cache, query_counts, context_lens, tables, page_size, slot_mapping=None)
+    first = torch.tensor([n - c for n, c in zip(context_lens, query_counts)])  # queries end their contexts
+    offs = torch.arange(max(query_counts))
+    backend.query_positions = (first.unsqueeze(1) + offs).to(device)
+    backend.causal_block_size = block
+    slots = backend.slot_mapping
+    out = backend(0, q, k_pool[slots], v_pool[slots])
+    ref = paged_attention_reference(q, k_pool, v_pool, starts, tables, lens, page_size, causal_block_size=block,
+                                    query_pos_start=first.to(torch.int32).to(device))
+    assert rel_err(out, ref) <= 1e-6
+
+
 def test_reference_is_the_torch_backend(device):
     """The compact (offsets, page tables) signature means what PagedAttention's padded one does."""
     query_counts, context_lens, page_size = [3, 1, 6], [11, 5, 24], 4

@@ -27,10 +27,13 @@ class TritonPagedAttention:
     query_valid: torch.Tensor
     key_slots: torch.Tensor
     key_valid: torch.Tensor
+    query_positions: torch.Tensor | None = None  # block-causal models only (see PagedAttention)
+    causal_block_size: int = 0
     query_start_loc: torch.Tensor = field(init=False)
     block_tables: torch.Tensor = field(init=False)
     context_lens: torch.Tensor = field(init=False)
     max_queries: int = field(init=False)
+    query_pos_start: torch.Tensor | None = field(init=False)
 
     def __post_init__(self) -> None:
         page_size = self.cache.page_size
@@ -39,11 +42,14 @@ class TritonPagedAttention:
         self.block_tables = (self.key_slots[:, ::page_size] // page_size).to(torch.int32).contiguous()
         self.context_lens = self.key_valid.sum(1, dtype=torch.int32)
         self.max_queries = self.query_index.shape[1]
+        # Each request's queries are consecutive positions: the first one places them all.
+        self.query_pos_start = (self.query_positions[:, 0].to(torch.int32).contiguous()
+                                if self.causal_block_size else None)
 
     @classmethod
     def from_backend(cls, backend: PagedAttention) -> "TritonPagedAttention":
         return cls(backend.cache, backend.slot_mapping, backend.query_index, backend.query_valid,
-                   backend.key_slots, backend.key_valid)
+                   backend.key_slots, backend.key_valid, backend.query_positions, backend.causal_block_size)
 
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_pool, v_pool = self.cache.k[layer_idx], self.cache.v[layer_idx]
@@ -51,4 +57,5 @@ class TritonPagedAttention:
         return paged_attention(
             q, k_pool, v_pool, self.query_start_loc, self.block_tables, self.context_lens,
             self.cache.page_size, max_queries=self.max_queries,
+            causal_block_size=self.causal_block_size, query_pos_start=self.query_pos_start,
         )
