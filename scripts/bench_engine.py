@@ -41,20 +41,16 @@ import torch
 
 from dilaserve.engine.config import EngineConfig
 from dilaserve.engine.engine import Engine
+from dilaserve.engine.random_model import LLADA_8B, TINY, build_model
 from dilaserve.engine.sampling_params import SamplingParams
 from dilaserve.generation.unmasking import choose_tokens
 from dilaserve.models import layers as model_layers
 from dilaserve.models import llada as llada_module
-from dilaserve.models.checkpoint import llada_config
 from dilaserve.models.llada import LLaDAModel
 from dilaserve.models.paged_attention import PagedAttention, PagedKVCache
-from dilaserve.models.spec import ModelSpec, llada_spec
+from dilaserve.models.spec import ModelSpec
 from kernels.interpreter import interpreting
 
-LLADA_8B = dict(d_model=4096, n_layers=32, n_heads=32, mlp_hidden_size=12288, vocab_size=126464,
-                mask_token_id=126336, eos_token_id=126081)
-TINY = dict(d_model=128, n_layers=2, n_heads=4, mlp_hidden_size=256, vocab_size=512,
-            mask_token_id=500, eos_token_id=501)
 # Published reference points (DESIGN.md; measured on one H200).
 FAST_DLLM_DUAL_STEP_MS_H200 = 31.6
 H200_FLOOR_MS = 3.8
@@ -97,29 +93,6 @@ def median_ms(fn, device: torch.device, warmup: int = 3, reps: int = 10) -> floa
 
 
 # -- model and FLOP accounting ---------------------------------------------------------------
-def build_model(shape: dict, device: torch.device, seed: int = 0) -> LLaDAModel:
-    spec = llada_spec(llada_config(**shape))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with device:
-            model = LLaDAModel(spec)
-    finally:
-        torch.set_default_dtype(previous)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.fill_(1.0)
-            elif "wte" in name:
-                p.normal_(0.0, 1.0, generator=gen)
-            else:
-                p.normal_(0.0, p.shape[1] ** -0.5, generator=gen)
-        model.lm_head_weight()[spec.eos_token_id].zero_()  # never the argmax: no early stop
-    return model.eval()
-
-
 def matmul_params(spec: ModelSpec) -> int:
     """Weights every token-forward multiplies by (the transformer blocks)."""
     d, f, kv = spec.hidden_size, spec.intermediate_size, spec.num_kv_heads * spec.head_dim

@@ -1,4 +1,12 @@
-"""``dilaserve profile quality``: the quality profile the planner reads, with a plot."""
+"""``dilaserve profile``: the profiles the cost model, chunk controller and planner read.
+
+- ``quality``: accuracy and tokens decided per step over thresholds and chunk sizes;
+- ``latency``: step latency over batch sizes, chunk sizes, context lengths and phases, timed on
+  the device at hand, with the fitted step cost and its error on held-out points;
+- ``acceptance``: tokens decided per step for each chunk size and threshold (and the commit
+  rate of each position of a chunk), measured on a trained model, for benchmarks whose model
+  has random weights.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,7 @@ import json
 from pathlib import Path
 
 from dilaserve.cli.eval import add_common, load_engine
+from dilaserve.planner.profiles import DEFAULT_PROFILES_DIR
 
 DEFAULT_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
@@ -24,6 +33,42 @@ def add_parser(sub) -> None:
                    help="fixed-steps settings to include, e.g. 64,32")
     q.add_argument("--out", default="profiles", help="directory for quality_<model>_<task>.json and .png")
     q.set_defaults(run=run_quality)
+
+    lat = kinds.add_parser("latency", help="step latency over batch, chunk, context and phase; fits the cost model")
+    lat.add_argument("--model", default="default", help="'default', an embedded model's name, or a directory")
+    lat.add_argument("--shape", default=None, choices=["llada-8b", "tiny"],
+                     help="a random-weight model of this shape instead of --model (step cost does not depend on weights)")
+    lat.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    lat.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                     help="auto: bfloat16 on CUDA, float32 on CPU")
+    lat.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"])
+    lat.add_argument("--batch-sizes", type=_ints, default=None, help="default: 1,2,4,8 on CPU; 1,2,4,8,16,32,64 on CUDA")
+    lat.add_argument("--chunks", type=_ints, default=None, help="default: 4,8,32 on CPU; 4,8,16,32 on CUDA")
+    lat.add_argument("--contexts", type=_ints, default=None,
+                     help="tokens per request; default: 64,128,256 on CPU; 256,512,1024 on CUDA")
+    lat.add_argument("--phases", default="refresh,reuse,mixed")
+    lat.add_argument("--block-size", type=int, default=32)
+    lat.add_argument("--max-step-tokens", type=int, default=16384, help="skip points computing more per step")
+    lat.add_argument("--warmup", type=int, default=2)
+    lat.add_argument("--repeats", type=int, default=5)
+    lat.add_argument("--test-fraction", type=float, default=0.25, help="share of points held out of the fit")
+    lat.add_argument("--seed", type=int, default=0)
+    lat.add_argument("--kv-memory-gib", type=float, default=None,
+                     help="KV memory an instance would hold, for the planner entry (default: free memory on CUDA, 1 GiB on CPU)")
+    lat.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    lat.add_argument("--out", default="profiles", help="directory for latency_<model>_<device>.json and .png")
+    lat.set_defaults(run=run_latency)
+
+    acc = kinds.add_parser("acceptance", help="tokens decided per step for each chunk size and threshold")
+    add_common(acc)
+    acc.add_argument("--thresholds", type=lambda s: [float(x) for x in s.split(",")], default=[0.5, 0.7, 0.8, 0.9, 0.95])
+    acc.add_argument("--chunks", type=_ints, default=[1, 2, 4, 8, 16, 32])
+    acc.add_argument("--out", default=str(DEFAULT_PROFILES_DIR), help="directory for acceptance_<model>.json")
+    acc.set_defaults(run=run_acceptance)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
 
 
 def run_quality(args: argparse.Namespace) -> int:
@@ -90,3 +135,146 @@ def plot_quality(profile: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# -- latency ------------------------------------------------------------------------------------
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in text.lower()).strip("_")
+
+
+def run_latency(args: argparse.Namespace) -> int:
+    import torch
+
+    from dilaserve.engine.latency_profile import profile_dict, save_profile
+    from dilaserve.engine.profiling import Grid, measure_grid
+    from dilaserve.errors import InvalidRequestError
+    from dilaserve.models.paged_attention import PagedKVCache
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidRequestError("--device cuda was asked for but no CUDA device is available")
+    on_gpu = device.type == "cuda"
+    dtype = {"auto": torch.bfloat16 if on_gpu else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16}[args.dtype]
+    if args.shape:
+        from dilaserve.engine.random_model import SHAPES as BUILD_SHAPES, build_model
+
+        model, model_name = build_model(BUILD_SHAPES[args.shape], device, dtype=dtype), f"{args.shape}-random"
+    else:
+        from dilaserve.models.registry import load_model
+        from dilaserve.models.store import resolve_model
+
+        model_dir = resolve_model(args.model)
+        model, model_name = load_model(model_dir, device=device, dtype=dtype), model_dir.name
+    grid = Grid(
+        batch_sizes=tuple(args.batch_sizes or ((1, 2, 4, 8, 16, 32, 64) if on_gpu else (1, 2, 4, 8))),
+        chunks=tuple(args.chunks or ((4, 8, 16, 32) if on_gpu else (4, 8, 32))),
+        contexts=tuple(args.contexts or ((256, 512, 1024) if on_gpu else (64, 128, 256))),
+        phases=tuple(p for p in args.phases.split(",") if p), block_size=args.block_size,
+        max_step_tokens=args.max_step_tokens, warmup=args.warmup, repeats=args.repeats,
+    )
+    device_name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
+    todo = len(grid.points())
+    print(f"profiling {model_name} on {device_name} ({str(dtype).removeprefix('torch.')}): {todo} grid points", flush=True)
+    done = [0]
+
+    def progress(point) -> None:
+        done[0] += 1
+        print(f"[{done[0]:4d}/{todo}] {point.phase:7} batch {point.batch_size:3d} chunk {point.chunk:3d} "
+              f"context {point.context:5d} tokens {point.shape.tokens:6d}: {point.seconds * 1e3:9.2f} ms", flush=True)
+
+    points = measure_grid(model, grid, kernels=args.kernels, progress=progress)
+    spec = model.spec
+    per_token = PagedKVCache.bytes_per_page(spec.num_layers, 1, spec.num_kv_heads, spec.head_dim, dtype)
+    if args.kv_memory_gib is not None:
+        kv_bytes = args.kv_memory_gib * 2**30
+    elif on_gpu:
+        free, _ = torch.cuda.mem_get_info(device)
+        kv_bytes = max(free - 8 * 2**30, per_token)  # what is left beside weights, less room for activations
+    else:
+        kv_bytes = 2**30
+    meta = {"model": model_name, "device": device_name, "dtype": str(dtype).removeprefix("torch."),
+            "kernels": args.kernels, "cache": "dual", "block_size": args.block_size,
+            "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+            "grid": {"batch_sizes": list(grid.batch_sizes), "chunks": list(grid.chunks),
+                     "contexts": list(grid.contexts), "phases": list(grid.phases),
+                     "warmup": grid.warmup, "repeats": grid.repeats}}
+    profile = profile_dict(points, meta, kv_capacity_tokens=int(kv_bytes // per_token),
+                           test_fraction=args.test_fraction, seed=args.seed)
+    out = Path(args.out)
+    stem = f"latency_{_slug(model_name)}_{_slug(device_name)}"
+    save_profile(profile, out / f"{stem}.json")
+    plot_latency(profile, out / f"{stem}.png")
+    h, h3 = profile["holdout"], profile["holdout_3term"]
+    fit = profile["fit"]
+    print("fitted step cost: " + ", ".join(f"{k} {v:.3g}" for k, v in fit.items()))
+    print(f"held-out relative error ({h['num_test']} of {h['num_test'] + h['num_train']} points): "
+          f"median {h['median_rel_error']:.1%}, max {h['max_rel_error']:.1%} "
+          f"(three-term form: median {h3['median_rel_error']:.1%}, max {h3['max_rel_error']:.1%})")
+    print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
+    return 0
+
+
+def plot_latency(profile: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dilaserve.engine.cost_model import StepCost
+    from dilaserve.engine.latency_profile import LatencyPoint, holdout_split
+
+    cost = StepCost(**profile["fit"])
+    points = [LatencyPoint.from_dict(row) for row in profile["points"]]
+    _, test = holdout_split(points, profile["holdout"]["test_fraction"], profile["holdout"]["seed"])
+    held = {id(p) for p in test}
+    fig, (ax_fit, ax_tok) = plt.subplots(1, 2, figsize=(11, 4.5))
+    markers = {"refresh": "s", "reuse": "o", "mixed": "^"}
+    for phase, marker in markers.items():
+        rows = [p for p in points if p.phase == phase]
+        if not rows:
+            continue
+        ax_tok.scatter([p.shape.tokens for p in rows], [p.seconds * 1e3 for p in rows], marker=marker, s=18,
+                       label=phase, alpha=0.8)
+        for is_test in (False, True):
+            sel = [p for p in rows if (id(p) in held) == is_test]
+            if sel:
+                ax_fit.scatter([p.seconds * 1e3 for p in sel], [cost.shape_s(p.shape) * 1e3 for p in sel],
+                               marker=marker, s=24 if is_test else 14, facecolors="none" if is_test else None,
+                               edgecolors="C3" if is_test else None, label=f"{phase}{' (held out)' if is_test else ''}")
+    lims = [min(p.seconds for p in points) * 1e3 * 0.8, max(p.seconds for p in points) * 1e3 * 1.2]
+    ax_fit.plot(lims, lims, color="gray", lw=1)
+    h = profile["holdout"]
+    ax_fit.set(xscale="log", yscale="log", xlabel="measured step (ms)", ylabel="cost model (ms)",
+               title=f"held-out error: median {h['median_rel_error']:.1%}, max {h['max_rel_error']:.1%}")
+    ax_tok.set(xscale="log", yscale="log", xlabel="token-forwards in the step", ylabel="step (ms)",
+               title=f"{profile['model']} on {profile['device']}")
+    for ax in (ax_fit, ax_tok):
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- acceptance ---------------------------------------------------------------------------------
+def run_acceptance(args: argparse.Namespace) -> int:
+    from dilaserve.engine.acceptance_profile import measure_acceptance
+    from dilaserve.models.store import resolve_model
+
+    engine, tokenizer = load_engine(args)
+    model_name = resolve_model(args.model).name
+    profile = measure_acceptance(
+        engine, tokenizer, task=args.task, split=args.split, num=args.num, seed=args.seed, max_tokens=args.max_tokens,
+        block_size=args.block_size, thresholds=args.thresholds, chunks=args.chunks, cache=args.cache,
+        progress=lambda line: print(line, flush=True))
+    profile.update(model=model_name, device=args.device, dtype=args.dtype, date=datetime.date.today().isoformat())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"acceptance_{model_name}.json"
+    path.write_text(json.dumps(profile, indent=1))
+    print(f"wrote {path}")
+    return 0

@@ -8,8 +8,10 @@ the GIL) so the event loop keeps serving HTTP while the model computes.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import AsyncIterator
 
 import torch
@@ -25,12 +27,27 @@ from dilaserve.models.tokenizer import load_tokenizer
 logger = logging.getLogger(__name__)
 
 
+def _seed_from_profile(engine: Engine, path: str | None, model_dir: str) -> None:
+    """Tokens per step from the named quality profile, else the model's own, if it ships one."""
+    candidate = Path(path) if path else Path(model_dir) / "quality_profile.json"
+    if not candidate.is_file():
+        if path:
+            raise ValueError(f"quality profile {path} does not exist")
+        return
+    try:
+        seeded = engine.seed_quality_profile(json.loads(candidate.read_text()))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"quality profile {candidate} is malformed: {exc}") from exc
+    logger.info("seeded tokens per step for %d thresholds from %s", seeded, candidate)
+
+
 class AsyncEngine:
     def __init__(self, model_dir: str, config: EngineConfig | None = None, device: str = "cpu",
                  dtype: str = "float32", engine: Engine | None = None):
         if engine is None:
             model = load_model(model_dir, device=device, dtype=getattr(torch, dtype))
             engine = Engine(model, config)
+            _seed_from_profile(engine, config.quality_profile if config else None, model_dir)
         self.engine = engine
         self.spec = engine.spec
         self.tokenizer = load_tokenizer(model_dir) if model_dir else None
@@ -107,6 +124,10 @@ class AsyncEngine:
 
     def predict_finish_s(self, prompt_len: int, params: SamplingParams, threshold: float | None = None) -> float:
         return self.engine.predict_finish_s(prompt_len, params, threshold)
+
+    def predict_min_slack_s(self, prompt_len: int, params: SamplingParams, threshold: float | None = None,
+                            reserve: float = 0.0) -> float:
+        return self.engine.predict_min_slack_s(prompt_len, params, threshold, reserve)
 
     def set_policy(self, *, default_threshold: float | None = None, max_waiting: int | None = None) -> None:
         """Live changes, applied from the next admitted request on (running ones keep theirs)."""

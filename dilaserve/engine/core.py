@@ -13,6 +13,7 @@ async wrapper's event loop does) and are applied at the start of each step.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -23,10 +24,12 @@ from typing import Protocol
 from dilaserve.engine.chunk_control import make_chunk_controller
 from dilaserve.engine.config import EngineConfig
 from dilaserve.engine.cost_model import (
-    OnlineCostModel, TokensPerStepEstimator, Work, batch_work_s, request_work, work_s,
+    OnlineCostModel, TokensPerStepEstimator, Work, batch_finish_s, batch_work_s, request_work, work_s,
 )
 from dilaserve.engine.kv_pages import PageAllocator
+from dilaserve.engine.latency_profile import engine_cost_model
 from dilaserve.engine.load_control import LoadControl
+from dilaserve.engine.memory import StepMemoryModel
 from dilaserve.engine.plan import StepOutput, StepPlan
 from dilaserve.engine.request import Request
 from dilaserve.engine.sampling_params import RequestOutput, SamplingParams
@@ -59,19 +62,22 @@ def check_cache_for_model(spec: ModelSpec, params: SamplingParams) -> None:
 
 class EngineCore:
     def __init__(self, spec: ModelSpec, config: EngineConfig, runner: Runner, num_pages: int,
-                 clock=time.monotonic, cost_prior=None):
+                 clock=time.monotonic, cost_prior=None, memory: StepMemoryModel | None = None):
         self.config = config
         self.spec = spec
         self.clock = clock
         self.allocator = PageAllocator(num_pages, self.config.page_size)
         self.runner = runner
-        self.cost = OnlineCostModel(prior=cost_prior)
+        self.cost = engine_cost_model(self.config.latency_profile, cost_prior)
         self.tokens_per_step_estimate = TokensPerStepEstimator()
         self.load_control = LoadControl(self.config.threshold_step, clock, self._remaining_steps) \
             if self.config.load_control else None
         self.scheduler = Scheduler(
-            self.config, self.allocator, make_chunk_controller(self.config.chunk_control),
-            self.spec.shift_logits, clock, self._remaining_s,
+            self.config, self.allocator,
+            make_chunk_controller(self.config.chunk_control, cost=lambda: self.cost.cost, clock=clock,
+                                  shift_logits=self.spec.shift_logits, acceptance_profile=self.config.acceptance_profile),
+            self.spec.shift_logits, clock, self._remaining_s, step_cost=lambda: self.cost.cost,
+            memory=memory or StepMemoryModel.for_spec(spec),
         )
         self._inbox: deque[tuple[str, object]] = deque()
         self._lock = threading.Lock()
@@ -182,6 +188,12 @@ class EngineCore:
         )
 
     # -- statistics and predictions --------------------------------------------------------
+    def seed_quality_profile(self, profile: dict) -> int:
+        """Seeds tokens decided per step from a quality profile (threshold entries decoded a
+        whole block per query); returns how many thresholds were seeded."""
+        block_size = int(profile.get("block_size", 0))
+        return self.tokens_per_step_estimate.seed_from_profile(profile.get("entries", []), block_size)
+
     def tokens_per_step(self, params: SamplingParams, threshold: float | None) -> float:
         if params.steps is not None:
             return max(params.block_size / (params.steps // params.num_blocks), 1.0)
@@ -220,7 +232,46 @@ class EngineCore:
         new = request_work(prompt_len + params.max_tokens, params.max_tokens, params.block_size,
                            self.tokens_per_step(params, t), params.cache)
         requests = list(self.scheduler.running) + list(self.scheduler.waiting)
-        return batch_work_s(self.cost.cost, [self._work(r) for r in requests] + [new])
+        return batch_work_s(self.prediction_cost(), [self._work(r) for r in requests] + [new])
+
+    def step_overhead_s(self) -> float:
+        """Median wall time between recent steps beyond the runner's own time (planning,
+        streaming outputs, the caller's event loop, CPU contention): the cost model fits the
+        runner's time only, and on a small model the rest can be most of a step."""
+        steps = list(self._recent_steps)
+        gaps = sorted(b.time - a.time - b.seconds for a, b in zip(steps, steps[1:]))
+        return max(0.0, gaps[len(gaps) // 2]) if gaps else 0.0
+
+    def prediction_cost(self):
+        """The step cost that admission predictions use: the fitted one plus the step overhead."""
+        cost, overhead = self.cost.cost, self.step_overhead_s()
+        return dataclasses.replace(cost, fixed_s=cost.fixed_s + overhead) if overhead > 0 else cost
+
+    def predict_min_slack_s(self, prompt_len: int, params: SamplingParams, threshold: float | None = None,
+                            reserve: float = 0.0) -> float:
+        """The least slack any admitted request would keep if such a request were added now:
+        ``(1 - reserve)`` x its seconds to the deadline minus its predicted seconds to finish,
+        among the requests with a deadline whose slack is >= 0 without it; inf when there are
+        none. ``reserve`` keeps a share of every deadline for prediction error.
+
+        Admission checks this as well as the newcomer's own finish: otherwise every request
+        admitted later slows the earlier ones down, and under overload they all run late.
+        """
+        requests = [r for r in list(self.scheduler.running) + list(self.scheduler.waiting)
+                    if r.deadline_s is not None and not r.is_finished]
+        if not requests:
+            return float("inf")
+        t = threshold if threshold is not None else (params.threshold or self.default_threshold)
+        new = request_work(prompt_len + params.max_tokens, params.max_tokens, params.block_size,
+                           self.tokens_per_step(params, t), params.cache)
+        works = [self._work(r) for r in requests]
+        time_left = [r.deadline_s - self.clock() for r in requests]
+        cost = self.prediction_cost()
+        before = batch_finish_s(cost, works)
+        after = batch_finish_s(cost, works + [new])[:-1]
+        usable = [(1.0 - reserve) * left for left in time_left]
+        slacks = [u - a for u, b, a in zip(usable, before, after) if u - b >= 0]
+        return min(slacks, default=float("inf"))
 
     def stats(self) -> EngineStats:
         steps = list(self._recent_steps)

@@ -10,9 +10,10 @@ import time
 
 from dilaserve.engine.config import EngineConfig
 from dilaserve.engine.core import EngineCore
+from dilaserve.engine.memory import StepMemoryModel
 from dilaserve.engine.model_runner import ModelRunner
 from dilaserve.models.base import DiffusionLM
-from dilaserve.models.paged_attention import PagedKVCache
+from dilaserve.models.paged_attention import PagedAttention, PagedKVCache
 
 
 def num_pages_for(config: EngineConfig, model: DiffusionLM) -> int:
@@ -27,5 +28,9 @@ class Engine(EngineCore):
     def __init__(self, model: DiffusionLM, config: EngineConfig | None = None, clock=time.monotonic):
         config = config or EngineConfig()
         num_pages = num_pages_for(config, model)
-        super().__init__(model.spec, config, ModelRunner(model, num_pages, config.page_size, config.kernels), num_pages, clock)
+        runner = ModelRunner(model, num_pages, config.page_size, config.kernels)
+        memory = StepMemoryModel.for_spec(
+            model.spec, next(model.parameters()).element_size(), fused_logits=runner.fast_path is not None,
+            padded_attention=runner.attention_cls is PagedAttention)
+        super().__init__(model.spec, config, runner, num_pages, clock, memory=memory)
         self.model = model

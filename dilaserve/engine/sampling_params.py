@@ -80,6 +80,8 @@ class SamplingParams:
             raise InvalidRequestError(
                 f"unknown unmasking algorithm {self.algorithm!r}; known: llada, {', '.join(DREAM_ALGORITHMS)}"
             )
+        if self.algorithm in DREAM_ALGORITHMS and self.steps is None:
+            raise InvalidRequestError(f"Dream algorithm {self.algorithm!r} runs on a timestep schedule: set steps")
         if self.remasking not in REMASKING:
             raise InvalidRequestError(f"remasking must be one of {REMASKING}, got {self.remasking!r}")
         if self.steps is not None:
@@ -87,6 +89,13 @@ class SamplingParams:
                 raise InvalidRequestError(f"steps must be >= 1, got {self.steps}")
             if self.steps % self.num_blocks:
                 raise InvalidRequestError(f"steps {self.steps} is not divisible by the number of blocks {self.num_blocks}")
+            if self.steps // self.num_blocks > self.block_size:
+                # More steps than positions would decide nothing in some steps (and a huge count
+                # would tie a replica up): at most one step per position.
+                raise InvalidRequestError(
+                    f"steps {self.steps} exceeds the generated positions ({self.num_blocks} block(s) of "
+                    f"{self.block_size}): at most {self.num_blocks * self.block_size}"
+                )
         if self.threshold is not None and not (0.0 < self.threshold <= 1.0):
             raise InvalidRequestError(f"threshold must be in (0, 1], got {self.threshold}")
         if self.threshold_floor is not None and not (0.0 < self.threshold_floor <= 1.0):
@@ -107,6 +116,8 @@ class SamplingParams:
             raise InvalidRequestError("fixed-steps and Dream schedules decode whole blocks: chunk size must equal block_size")
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop strings must be non-empty")
+        if self.seed is not None and not (-(2**63) <= self.seed < 2**64):
+            raise InvalidRequestError(f"seed must fit in 64 bits, got {self.seed}")
 
     def unmasker(self, threshold: float | None) -> "Unmasker":
         """The strategy for this request at ``threshold`` (which load control may lower)."""
@@ -128,7 +139,12 @@ class RequestCounters:
     num_refresh_steps: int = 0
     num_tokens_computed: int = 0  # token-forwards spent on it
     num_tokens_decided: int = 0  # positions committed
+    num_queries: int = 0  # masked positions queried, summed over steps (their mean is the chunk size)
     num_threshold_lowerings: int = 0
+
+    @property
+    def mean_chunk_size(self) -> float | None:
+        return self.num_queries / self.num_steps if self.num_steps else None
 
 
 @dataclass

@@ -5,6 +5,14 @@ without a deadline after them, oldest first), gives each its next step (refresh 
 ``cache_policy``) while the step's token budget and refresh-token bound allow, then admits
 waiting requests in the same order while KV pages and budgets allow. A request that does not
 fit simply waits for the next step; nothing is dropped.
+
+Two bounds are optional (off by default):
+- ``refresh_bound="auto"``: the refresh part of a step may add at most ``refresh_slowdown``
+  times the predicted time of the step's reuse part (the cost model, from a latency profile),
+  so reuse-phase requests see bounded step-time spikes (phase-mixed batching); still at most
+  ``max_refresh_tokens``, and the first refresh of a step always runs;
+- ``step_memory_gib``: the step's predicted transient memory (activations, attention,
+  logits; ``memory.py``) stays under the budget, which caps the batch by real memory.
 """
 
 from __future__ import annotations
@@ -17,7 +25,9 @@ from typing import Callable
 from dilaserve.engine.cache_policy import compute_range, needs_refresh
 from dilaserve.engine.chunk_control import ChunkController
 from dilaserve.engine.config import EngineConfig
+from dilaserve.engine.cost_model import StepCost, StepShape
 from dilaserve.engine.kv_pages import PageAllocator
+from dilaserve.engine.memory import MemoryTally, StepMemoryModel
 from dilaserve.engine.plan import ScheduledRequest, StepOutput, StepPlan
 from dilaserve.engine.request import Request, RequestStatus
 
@@ -28,6 +38,7 @@ class Scheduler:
     def __init__(
         self, config: EngineConfig, allocator: PageAllocator, chunk_control: ChunkController,
         shift_logits: bool, clock: Callable[[], float], remaining_s: Callable[[Request], float] | None = None,
+        step_cost: Callable[[], StepCost] | None = None, memory: StepMemoryModel | None = None,
     ):
         self.config = config
         self.allocator = allocator
@@ -35,6 +46,13 @@ class Scheduler:
         self.shift_logits = shift_logits
         self.clock = clock
         self.remaining_s = remaining_s or (lambda r: 0.0)
+        self.step_cost = step_cost or StepCost
+        self.memory = memory if config.step_memory_gib is not None else None
+        if config.refresh_bound not in ("fixed", "auto"):
+            raise ValueError(f"refresh_bound must be 'fixed' or 'auto', got {config.refresh_bound!r}")
+        self._refresh_budget_s = None  # "auto": seconds of refresh work this step may add
+        self._refresh_shape = StepShape(0, 0)
+        self._memory_tally: MemoryTally | None = None
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
@@ -77,30 +95,59 @@ class Scheduler:
         tokens = plan.num_tokens + item.num_tokens
         if plan and tokens > self.config.max_batch_tokens:
             return False
+        if self._memory_tally is not None and not self._memory_tally.fits(item):
+            return False
         if item.is_refresh and plan.num_refresh_tokens > 0:
-            return plan.num_refresh_tokens + item.num_tokens <= self.config.max_refresh_tokens
+            if plan.num_refresh_tokens + item.num_tokens > self.config.max_refresh_tokens:
+                return False
+            if self._refresh_budget_s is not None:
+                cost = self.step_cost()
+                return cost.shape_s(self._refresh_shape + _shape(item)) - cost.fixed_s <= self._refresh_budget_s
         return True
+
+    def _add(self, plan: StepPlan, item: ScheduledRequest) -> None:
+        plan.add(item)
+        if self._memory_tally is not None:
+            self._memory_tally.add(item)
+        if item.is_refresh and self._refresh_budget_s is not None:
+            self._refresh_shape = self._refresh_shape + _shape(item)
+
+    def _begin_plan(self, running_items: list[ScheduledRequest]) -> None:
+        """Sets this step's bounds: memory, and the "auto" refresh budget from the reuse part."""
+        self._memory_tally = MemoryTally(self.memory, self.config.step_memory_gib * 2**30) if self.memory else None
+        self._refresh_shape = StepShape(0, 0)
+        self._refresh_budget_s = None
+        if self.config.refresh_bound == "auto":
+            reuse = StepShape(0, 0)
+            for item in running_items:
+                if not item.is_refresh:
+                    reuse = reuse + _shape(item)
+            self._refresh_budget_s = self.config.refresh_slowdown * self.step_cost().shape_s(reuse)
 
     def schedule(self) -> StepPlan:
         plan = StepPlan()
         self.running.sort(key=self._urgency)
-        chunks = self.chunk_control.choose(self.running)
-        for request in self.running:
-            item = self._item(request, chunks[request.request_id])
-            if self._fits(plan, item):
-                plan.add(item)
         ordered = sorted(self.waiting, key=self._urgency)
+        # One choice over the batch this step may run: the running requests and the waiting
+        # ones that could join (a load-aware controller sees the whole batch).
+        joining = ordered[:max(0, self.config.max_running - len(self.running))]
+        chunks = self.chunk_control.choose(self.running + joining)
+        items = [self._item(request, chunks[request.request_id]) for request in self.running]
+        self._begin_plan(items)
+        for item in items:
+            if self._fits(plan, item):
+                self._add(plan, item)
         for request in ordered:
             if len(self.running) >= self.config.max_running or not self.allocator.can_allocate(request.seq_len):
                 break
-            item = self._item(request, self.chunk_control.choose([request])[request.request_id])
+            item = self._item(request, chunks[request.request_id])
             if not self._fits(plan, item):
                 break
             request.pages = self.allocator.allocate(request.seq_len)
             request.set_status(RequestStatus.RUNNING)
             self.waiting.remove(request)
             self.running.append(request)
-            plan.add(item)
+            self._add(plan, item)
         return plan
 
     # -- applying a step's results --------------------------------------------------------
@@ -117,6 +164,7 @@ class Scheduler:
             counters = request.counters
             counters.num_steps += 1
             counters.num_tokens_computed += item.num_tokens
+            counters.num_queries += len(item.query_positions)
             if item.is_refresh:
                 counters.num_refresh_steps += 1
                 request.has_cache = request.params.cache != "none"
@@ -134,3 +182,9 @@ class Scheduler:
                 self._finish(request, request.finish_reason)
             updates.append((request, new_tokens))
         return updates
+
+
+def _shape(item: ScheduledRequest) -> StepShape:
+    tokens, context = item.num_tokens, item.num_context_tokens
+    return StepShape(tokens, context, tokens * context, len(item.query_positions), 1,
+                     tokens if item.is_refresh else 0)

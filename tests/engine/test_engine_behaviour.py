@@ -153,3 +153,12 @@ def test_request_larger_than_the_whole_pool_is_refused(llada):
     engine = new_engine(llada, num_pages=2, page_size=8)
     with pytest.raises(InvalidRequestError, match="KV cache"):
         engine.make_request("big", [1] * 10, SamplingParams(max_tokens=32))
+
+
+def test_counters_report_the_mean_chunk(llada):
+    # chunk 3 of a 6-wide block: the queries go 3, 3 (or fewer once the block runs short).
+    params = SamplingParams(max_tokens=12, block_size=6, threshold=0.99, cache="dual", chunk_size=3)
+    tokens, reason, counters = run_to_completion(new_engine(llada), [("a", [1, 2, 3], params)])["a"]
+    assert counters.num_queries <= 3 * counters.num_steps
+    assert counters.num_queries >= counters.num_tokens_decided
+    assert 1 <= counters.mean_chunk_size <= 3

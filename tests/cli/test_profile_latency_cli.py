@@ -1,0 +1,31 @@
+"""``dilaserve profile latency`` on CPU: a tiny grid, a valid profile the engine can start from."""
+
+import json
+
+from dilaserve.cli import main
+from dilaserve.engine.config import EngineConfig
+from dilaserve.engine.cost_model import COST_TERMS, StepCost
+from dilaserve.engine.engine import Engine
+from dilaserve.engine.latency_profile import ProfiledCost
+from dilaserve.planner.profiles import load_latency_profile
+
+
+def test_profile_latency_writes_a_fitted_profile_and_plot(tmp_path, llada_dir, llada):
+    out = tmp_path / "profiles"
+    code = main(["profile", "latency", "--model", str(llada_dir), "--device", "cpu", "--batch-sizes", "1,2",
+                 "--chunks", "4,16", "--contexts", "40,72", "--block-size", "16", "--warmup", "1", "--repeats", "2",
+                 "--threads", "1", "--out", str(out)])
+    assert code == 0
+    [path] = out.glob("latency_*_cpu.json")
+    assert path.with_suffix(".png").stat().st_size > 0
+    profile = json.loads(path.read_text())
+    # 2 contexts x (2 batches x 2 chunks) for refresh and reuse, + 2 x 1 x 2 mixed
+    assert len(profile["points"]) == 2 * 4 * 2 + 4
+    assert {p["phase"] for p in profile["points"]} == {"refresh", "reuse", "mixed"}
+    assert all(p["seconds"] > 0 and len(p["samples"]) == 2 for p in profile["points"])
+    assert set(profile["fit"]) == set(COST_TERMS) and all(v >= 0 for v in profile["fit"].values())
+    h = profile["holdout"]
+    assert h["num_test"] >= 1 and 0 <= h["median_rel_error"] <= h["max_rel_error"]
+    assert load_latency_profile(path).degrees[0].cost.fixed_s >= 0  # also a planner latency profile
+    engine = Engine(llada, EngineConfig(num_pages=64, page_size=8, latency_profile=str(path)))
+    assert isinstance(engine.cost, ProfiledCost) and engine.cost.cost == StepCost.from_profile(path)

@@ -1,0 +1,34 @@
+"""The engine with the adaptive chunk controller, the auto refresh bound and a memory budget."""
+
+from dilaserve.engine.cost_model import StepCost
+from dilaserve.engine.latency_profile import profile_dict, save_profile
+from dilaserve.engine.sampling_params import SamplingParams
+from dilaserve.planner.profiles import DEFAULT_PROFILES_DIR
+
+from tests.engine.helpers import make_prompts, new_engine, run_to_completion
+from tests.engine.test_latency_profile import synthetic_points
+
+
+def test_adaptive_engine_decodes_every_request_within_bounds(llada, tmp_path):
+    profile = save_profile(profile_dict(synthetic_points(StepCost(5e-3, 2e-5, 1e-7)), {"model": "fake"}),
+                           tmp_path / "latency.json")
+    engine = new_engine(llada, chunk_control="adaptive", latency_profile=str(profile), refresh_bound="auto",
+                        step_memory_gib=0.01,
+                        acceptance_profile=str(DEFAULT_PROFILES_DIR / "acceptance_dilaserve-tiny-arith.json"))
+    chunks = []
+    observe = engine.scheduler.chunk_control.observe
+
+    def spy(request, chunk, num_decided):
+        chunks.append((request.params.chunk_bounds, chunk))
+        observe(request, chunk, num_decided)
+
+    engine.scheduler.chunk_control.observe = spy
+    params = [SamplingParams(max_tokens=24, block_size=8, threshold=0.9, min_chunk=2, max_chunk=8),
+              SamplingParams(max_tokens=16, block_size=8, threshold=0.7)]
+    requests = [(f"r{i}", p, params[i % 2]) for i, p in enumerate(make_prompts(6, seed=4))]
+    done = run_to_completion(engine, requests)
+    assert len(done) == 6
+    for rid, prompt, p in requests:
+        tokens, reason, counters = done[rid]
+        assert reason in ("length", "eos") and counters.num_tokens_decided >= len(tokens)
+    assert chunks and all(lo <= c <= hi for (lo, hi), c in chunks)

@@ -1,0 +1,102 @@
+"""The engine's online estimates: the step-cost fit and tokens decided per step."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dilaserve.engine.cost_model import OnlineCostModel, StepCost, TokensPerStepEstimator, expected_tokens_per_step
+
+EMBEDDED_PROFILE = Path(__file__).parents[2] / "dilaserve/assets/models/dilaserve-tiny-arith/quality_profile.json"
+
+
+def feed(model: OnlineCostModel, rows) -> None:
+    for tokens, ctx, seconds in rows:
+        model.observe(tokens, ctx, seconds)
+
+
+def test_fit_recovers_known_coefficients():
+    rng = np.random.default_rng(0)
+    true = StepCost(fixed_s=3e-3, per_token_s=2e-5, per_context_s=4e-7)
+    model = OnlineCostModel(prior=StepCost(1.0, 1.0, 1.0), refit_every=8)
+    tokens, ctx = rng.integers(16, 2048, 64), rng.integers(64, 8192, 64)
+    feed(model, [(t, c, true.step_s(t, c)) for t, c in zip(tokens, ctx)])
+    got = model.cost
+    assert got.fixed_s == pytest.approx(true.fixed_s, rel=1e-6)
+    assert got.per_token_s == pytest.approx(true.per_token_s, rel=1e-6)
+    assert got.per_context_s == pytest.approx(true.per_context_s, rel=1e-6)
+
+
+def test_fit_never_goes_negative_and_is_the_best_nonnegative_fit():
+    # Step time falls with context here (noise in a real window): plain least squares gives the
+    # context term a negative rate; the fit must pin it at zero and refit the rest.
+    rows = [(t, 5000 - 10 * t, 1e-3 + 1e-5 * t) for t in range(10, 330, 10)]
+    model = OnlineCostModel(prior=StepCost(1.0, 1.0, 1.0), refit_every=8)
+    feed(model, rows)
+    c = model.cost
+    assert min(c.fixed_s, c.per_token_s, c.per_context_s) >= 0
+    err = sum((c.step_s(t, x) - s) ** 2 for t, x, s in rows)
+    # No non-negative model on a grid around it does better.
+    for dt in (0.9, 1.1):
+        for df in (0.9, 1.1):
+            other = StepCost(c.fixed_s * df, c.per_token_s * dt, c.per_context_s)
+            assert err <= sum((other.step_s(t, x) - s) ** 2 for t, x, s in rows) + 1e-18
+
+
+def test_terms_the_window_cannot_identify_keep_their_rate():
+    # A fresh replica whose first steps all look alike: tokens and context never vary, so the
+    # window cannot split step time between the fixed and the per-token terms.
+    prior = StepCost(fixed_s=1e-3, per_token_s=2e-4, per_context_s=6e-6)
+    model = OnlineCostModel(prior=prior, refit_every=8)
+    feed(model, [(400, 400, 0.09 + 1e-4 * (i % 2)) for i in range(16)])
+    assert model.cost.per_token_s == prior.per_token_s and model.cost.per_context_s == prior.per_context_s
+    # The fixed term absorbs the difference, so the observed step is still predicted.
+    assert model.cost.step_s(400, 400) == pytest.approx(0.09005, rel=1e-3)
+
+
+def test_unseen_threshold_answers_from_measured_neighbours():
+    est = TokensPerStepEstimator(min_samples=4)
+    assert est.estimate(0.9, 32) == expected_tokens_per_step(0.9, 32, None)  # nothing known yet
+    for _ in range(4):
+        est.observe(0.9, 20)
+        est.observe(0.5, 28)
+    assert est.estimate(0.9, 32) == 20 and est.estimate(0.5, 32) == 28
+    assert est.estimate(0.7, 32) == pytest.approx(24)  # between: interpolated
+    assert est.estimate(0.95, 32) == 20  # stricter than anything run: the nearest known
+    assert est.estimate(0.3, 32) == 28
+    assert est.estimate(None, 32) == expected_tokens_per_step(None, 32, None)
+
+
+def test_live_steps_outweigh_a_seed():
+    est = TokensPerStepEstimator(min_samples=8)
+    est.seed(0.9, 20.0)
+    assert est.estimate(0.9, 32) == 20.0
+    for _ in range(8 * 9):
+        est.observe(0.9, 4)
+    assert est.estimate(0.9, 32) == pytest.approx((20 * 8 + 4 * 72) / 80)
+
+
+def test_seeding_from_the_embedded_models_profile_uses_whole_block_threshold_entries():
+    profile = json.loads(EMBEDDED_PROFILE.read_text())
+    est = TokensPerStepEstimator()
+    n = est.seed_from_profile(profile["entries"], profile["block_size"])
+    wanted = {round(e["threshold"], 3): e["tokens_per_step"] for e in profile["entries"]
+              if e["threshold"] is not None and e["chunk"] == profile["block_size"] and not e["steps"]}
+    assert n == len(wanted) >= 4
+    for threshold, tps in wanted.items():
+        assert est.estimate(threshold, 32) == pytest.approx(tps)
+
+
+def test_a_replica_engine_starts_from_its_models_quality_profile(tmp_path):
+    from dilaserve.engine.async_engine import AsyncEngine
+    from dilaserve.engine.config import EngineConfig
+
+    engine = AsyncEngine(str(EMBEDDED_PROFILE.parent), EngineConfig(num_pages=64)).engine
+    assert engine.tokens_per_step_estimate.known()[0.9] == pytest.approx(22.535, rel=1e-3)
+    with pytest.raises(ValueError, match="does not exist"):
+        AsyncEngine(str(EMBEDDED_PROFILE.parent), EngineConfig(num_pages=64, quality_profile=str(tmp_path / "no.json")))
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"block_size": 32, "entries": [{"threshold": 0.9}]}')
+    with pytest.raises(ValueError, match="malformed"):
+        AsyncEngine(str(EMBEDDED_PROFILE.parent), EngineConfig(num_pages=64, quality_profile=str(bad)))
