@@ -19,6 +19,10 @@ Not modelled here (step fidelity models them): the token budget skipping some ru
 in some steps, the ``max_refresh_tokens`` cap, chunk control, load control (threshold
 lowering), and the spread of steps per request (each takes its expectation).
 
+A replica's threshold can change while it runs (``set_threshold``, as ``set_policy`` does on
+a served replica): requests it admits from then on take the new threshold's work, those it
+holds keep theirs.
+
 Predictions are the engine's (``Engine.predict_finish_s`` once its tokens-per-step estimate has
 converged): ``batch_work_s`` over every running and waiting request's remaining
 ``request_work`` plus the newcomer's. A running request's predicted remaining tokens and keys
@@ -92,27 +96,21 @@ class FastCluster:
         replicas = cluster.replicas()
         self.names = [name for name, _ in replicas]
         self.release = release
-        groups = [g for g in cluster.groups if g.count > 0]
-        self.group_of = np.array([groups.index(g) for _, g in replicas])
+        self._groups = [g for g in cluster.groups if g.count > 0]
         self._replicas = [_Replica(i, g) for i, (_, g) in enumerate(replicas)]
-        self._is_single_group = len(groups) == 1
-        # Per group (its threshold sets tokens per step): every request's predicted work
-        # (request_work, as the engine predicts) and the work it actually takes.
-        block, cache, floor = cluster.defaults.block_length, cluster.defaults.cache, policies.slo.quality_floor
+        self._group_index = [self._groups.index(g) for _, g in replicas]
+        self._workload, self._policies, self._defaults = workload, policies, cluster.defaults
+        # Per work class, a (group, threshold) pair (the group sets the cost, the threshold tokens
+        # per step): every request's predicted work (request_work, as the engine predicts), the
+        # work it actually takes, and the threshold.
         self.steps, self.tokens, self.context, self.solo_s = [], [], [], []
-        self.actual_steps, self.actual_tokens = [], []
-        for g in groups:
-            threshold = g.default_threshold if floor is None else max(g.default_threshold, floor)
-            tokens_per_step = policies.acceptance.mean(threshold, block)
-            predicted = work_arrays(workload, block, tokens_per_step, cache)
-            actual = expected_work_arrays(workload, block, tokens_per_step, cache)
-            self.steps.append(predicted.steps)
-            self.tokens.append(predicted.tokens)
-            self.context.append(predicted.context_tokens)
-            self.solo_s.append(work_s(g.cost, predicted))
-            self.actual_steps.append(actual.steps)
-            self.actual_tokens.append(actual.tokens)
+        self.actual_steps, self.actual_tokens, self.class_threshold = [], [], []
+        self._classes: dict[tuple[int, float], int] = {}
+        self.group_of = np.array([self._work_class(self._group_index[i], g.default_threshold)
+                                  for i, (_, g) in enumerate(replicas)])
+        self._is_single_group = len(self.steps) == 1
         self.seq_len = workload.seq_len
+        self.threshold_used = np.full(len(workload), np.nan)  # the threshold each request ran at
         costs = [g.cost for _, g in replicas]
         self._fixed_s = self._per_replica([c.fixed_s for c in costs])
         self._per_token_s = self._per_replica([c.per_token_s for c in costs])
@@ -126,6 +124,32 @@ class FastCluster:
         self.first_token_s = np.full(len(workload), np.nan)
         self.finish_s = np.full(len(workload), np.nan)
         self._departures: list[tuple[float, int, int]] = []  # heap of (time, version, replica)
+
+    def _work_class(self, group: int, threshold: float) -> int:
+        """The index of the work arrays of ``group`` at ``threshold`` (never below the SLO's
+        quality floor), computed the first time they are needed."""
+        floor = self._policies.slo.quality_floor
+        threshold = threshold if floor is None else max(threshold, floor)
+        key = (group, threshold)
+        if key not in self._classes:
+            block, cache = self._defaults.block_length, self._defaults.cache
+            tokens_per_step = self._policies.acceptance.mean(threshold, block)
+            predicted = work_arrays(self._workload, block, tokens_per_step, cache)
+            actual = expected_work_arrays(self._workload, block, tokens_per_step, cache)
+            self.steps.append(predicted.steps)
+            self.tokens.append(predicted.tokens)
+            self.context.append(predicted.context_tokens)
+            self.solo_s.append(work_s(self._groups[group].cost, predicted))
+            self.actual_steps.append(actual.steps)
+            self.actual_tokens.append(actual.tokens)
+            self.class_threshold.append(threshold)
+            self._classes[key] = len(self.steps) - 1
+        return self._classes[key]
+
+    def set_threshold(self, replica_index: int, threshold: float) -> None:
+        """The replica's default threshold, for the requests it admits from now on."""
+        self.group_of[replica_index] = self._work_class(self._group_index[replica_index], threshold)
+        self._is_single_group = len(self.steps) == 1
 
     @staticmethod
     def _per_replica(values: list[float]) -> float | np.ndarray:
@@ -164,6 +188,7 @@ class FastCluster:
         if rep.num_waiting >= rep.max_waiting:
             return f"the waiting queue is full ({rep.max_waiting} requests)"
         g = 0 if self._is_single_group else self.group_of[replica_index]
+        self.threshold_used[index] = self.class_threshold[g]
         steps = self.actual_steps[g].item(index)
         predicted_steps = self.steps[g].item(index)
         predicted_tokens, predicted_context = self.tokens[g].item(index), self.context[g].item(index)

@@ -12,6 +12,9 @@ replicas cheap without changing it:
   those are turned into ``ReplicaLoad`` candidates (a policy without ``tie_s`` sees all).
 
 ``tests/sim/test_ingress.py`` checks both against passing every replica.
+
+``set_routable`` narrows the replicas that take new requests (the controller's routed, ready,
+not draining ones, as the ``Dispatcher`` routes only to those); by default all do.
 """
 
 from __future__ import annotations
@@ -61,6 +64,11 @@ class SimIngress:
         self.in_flight = [0] * len(self.names)
         self._loads = [ReplicaLoad(name, None, 0) for name in self.names]
         self._index = {name: i for i, name in enumerate(self.names)}
+        self._routable: np.ndarray | None = None  # indices that take new requests; None: all
+
+    def set_routable(self, indices: Sequence[int] | None) -> None:
+        """Only these replicas take new requests from now on (None: every replica)."""
+        self._routable = None if indices is None else np.asarray(sorted(indices), dtype=np.int64)
 
     def sent(self, replica: int) -> None:
         self.in_flight[replica] += 1
@@ -79,9 +87,11 @@ class SimIngress:
         deadline = assign_deadline(targets, self.slo_defaults, estimates.median_solo_s + overhead, num_output_tokens)
         remaining_s = deadline.budget_s - elapsed_s
         finish, solo = estimates.finish_s, estimates.solo_s
-        allowed = None
+        allowed = self._routable
         if self.admission.max_waiting is not None and self.admission.enabled:
-            allowed = np.flatnonzero(np.asarray(estimates.num_waiting) < self.admission.max_waiting)
+            has_room = np.asarray(estimates.num_waiting) < self.admission.max_waiting
+            allowed = np.flatnonzero(has_room) if allowed is None else allowed[has_room[allowed]]
+        if allowed is not None:
             if not len(allowed):
                 return Dispatch(-1, deadline.budget_s, 1)
             if len(allowed) < len(finish):

@@ -47,6 +47,7 @@ class StepReplica(EngineCore):
                          group.num_pages, clock=self.clock, cost_prior=group.cost)
         self.name = name
         self.group = group
+        self.default_threshold = group.default_threshold  # set_threshold changes it, as set_policy does
         self._step: tuple[StepPlan, StepOutput] | None = None
 
     def clock(self) -> float:
@@ -89,6 +90,7 @@ class StepCluster:
         self.release = release
         self.first_token_s = np.full(len(workload), np.nan)
         self.finish_s = np.full(len(workload), np.nan)
+        self.threshold_used = np.full(len(workload), np.nan)  # at the end (load control may lower it)
         self._step_ends: list[tuple[float, int, int]] = []  # (end time, tiebreak, replica)
         self._tiebreak = itertools.count()
         self._replica_of: dict[str, int] = {}
@@ -96,11 +98,15 @@ class StepCluster:
     def _params(self, replica: StepReplica, index: int) -> SamplingParams:
         """The request's params as the replica resolves them (its default threshold, never
         below the request's floor)."""
-        threshold = replica.group.default_threshold
+        threshold = replica.default_threshold
         if self.floor is not None:
             threshold = max(threshold, self.floor)
         return SamplingParams(max_tokens=int(self.workload.output_tokens[index]), block_size=self.defaults.block_length,
                               threshold=threshold, cache=self.defaults.cache, threshold_floor=self.floor)
+
+    def set_threshold(self, replica_index: int, threshold: float) -> None:
+        """The replica's default threshold, for the requests it admits from now on."""
+        self.replicas[replica_index].default_threshold = threshold
 
     def estimates(self, now_s: float, index: int) -> Estimates:
         prompt = int(self.workload.prompt_tokens[index])
@@ -142,5 +148,6 @@ class StepCluster:
                 index = int(request.request_id)
                 self.first_token_s[index] = request.first_token_s
                 self.finish_s[index] = now
+                self.threshold_used[index] = request.threshold
                 self.release(self._replica_of.pop(request.request_id))
             self._begin(r, now)

@@ -47,3 +47,14 @@ def test_trace_file_with_admission_off(tmp_path):
 def test_bad_synthetic_spec_is_a_user_error(tmp_path):
     with pytest.raises(InvalidRequestError, match="poisson:RATE:N"):
         run(["--synthetic", "poisson:fast", "--out", str(tmp_path / "x.jsonl")])
+
+
+def test_controller_on_a_load_step(tmp_path, capsys):
+    out = tmp_path / "sim.jsonl"
+    assert run(["--synthetic", "step:30:20:60", "--controller", "default", "--replicas", "8", "--max-gpus", "24",
+                "--startup-s", "5", "--tick-s", "1", "--window-s", "8", "--period-s", "8", "--slo-scale", "3",
+                "--prompt-tokens", "256", "--output-tokens", "128", "--length-cv", "0", "--threshold", "0.9",
+                "--out", str(out)]) == 0
+    records = load_records(out)
+    assert records and all(r.status in (Status.OK, Status.REFUSED) for r in records)
+    assert "reconfigurations" in capsys.readouterr().err
