@@ -1,6 +1,6 @@
 """CPU replay with a load step: one static replica against the controller, on real Ray Serve.
 
-    .venv/bin/python tests/controller/bench_controller_cpu.py [--rate 2.2] [--phase-s 45 75]
+    .venv/bin/python scripts/bench_controller_cpu.py [--rate 2.2] [--phase-s 45 75]
 
 The embedded model (dilaserve-tiny-arith) serves checkable arithmetic prompts padded to
 ``--prompt-tokens`` through the chat API. The trace is Poisson at ``--rate`` for the first
@@ -27,9 +27,16 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = ROOT / "dilaserve/assets/models/dilaserve-tiny-arith"
-QUALITY = ROOT / "docs/benchmarks/quality_dilaserve-tiny-arith_cpu_2026-11-22/quality_dilaserve-tiny-arith_arith.json"
+QUALITY = MODEL_DIR / "quality_profile.json"  # measured: docs/benchmarks/quality_dilaserve-tiny-arith_cpu_2026-11-22/
+# What each system runs: routing, admission, the controller, replicas at the start.
+SYSTEMS = {
+    "static": ("power_of_two", False, False, 1),  # the baseline: threshold 0.9, no admission
+    "static-2": ("power_of_two", False, False, 2),  # two replicas throughout: the upper bound
+    "controller": ("power_of_two", False, True, 1),  # the controller alone
+    "dilaserve": ("slack", True, True, 1),  # DiLaServe's defaults: slack routing, admission, controller
+}
 APP = "bench"
 
 
@@ -102,7 +109,7 @@ def remove_apps() -> None:
             serve.delete(name)
 
 
-def run_system(name: str, use_controller: bool, config, controller_config, trace, baseline, args) -> dict:
+def run_system(name: str, controller_config, trace, baseline, args) -> dict:
     import ray
 
     from dilaserve.controller.actor import get_controller, start_controller, stop_controller
@@ -111,9 +118,10 @@ def run_system(name: str, use_controller: bool, config, controller_config, trace
     from dilaserve.replay.prompts import TaskPromptBuilder, tokenizer_counter
 
     remove_apps()
-    if name == "static-2":  # the reference: two replicas from the start
-        variant = dataclasses.replace(config.variants[0], num_replicas=2)
-        config = dataclasses.replace(config, variants=(variant,))
+    routing, admission, use_controller, replicas = SYSTEMS[name]
+    config = serve_config(args.port, args.max_tokens, args.block_size, routing, admission)
+    variant = dataclasses.replace(config.variants[0], num_replicas=replicas)
+    config = dataclasses.replace(config, variants=(variant,))
     deploy_controlled(config)
     if use_controller:
         start_controller(config, controller_config)
@@ -144,7 +152,8 @@ def summarize(records, phases_s, bin_s: float) -> dict:
             "requests": m.num_requests, "offered_rps": m.num_requests / (hi - lo), "attainment": m.slo_attainment,
             "refused": m.refused_share, "errors": m.num_errors + m.num_timeouts,
             "p50_e2e_s": m.e2e_s.p50 if m.e2e_s else None, "p90_e2e_s": m.e2e_s.p90 if m.e2e_s else None,
-            "accuracy": m.accuracy, "mean_threshold": m.mean_threshold}
+            "accuracy": m.accuracy, "mean_threshold": m.mean_threshold,
+            "first_error": next((r.error for r in part if r.error), None)}
     t = 0.0
     while t < end:
         part = [r for r in records if t <= r.arrival_s < t + bin_s]
@@ -162,15 +171,17 @@ def _ms(x) -> str:
     return "-" if x is None else f"{1e3 * x:.0f}"
 
 
-def write_report(results: dict, meta: dict, out_dir: Path) -> Path:
+def write_report(results: dict, meta: dict, out_dir: Path, tag: str = "") -> Path:
     date = datetime.date.today().isoformat()
     systems = list(results)
     lines = [f"# Controller on CPU: a load step ({date})", "",
-             "`tests/controller/bench_controller_cpu.py` — real Ray Serve on 127.0.0.1, the embedded "
+             "`scripts/bench_controller_cpu.py` — real Ray Serve on 127.0.0.1, the embedded "
              "`dilaserve-tiny-arith` model, checkable arithmetic prompts through `/v1/chat/completions`, "
-             "open-loop Poisson arrivals whose rate doubles mid-trace. static and controller start from one "
-             "replica (1 CPU thread, threshold 0.9) and the controller may run 2; static-2 runs two replicas "
-             "throughout (the upper bound). Machine: "
+             "open-loop Poisson arrivals whose rate doubles mid-trace. Every system starts from replicas at "
+             "threshold 0.9 (1 CPU thread each); the controller may run 2 replicas. static: one replica, "
+             "power-of-two routing, no admission (the baseline); static-2: two replicas throughout (the upper "
+             "bound); controller: the controller with the baseline's routing; dilaserve: the controller with "
+             "slack routing and admission (refusals count as misses). Machine: "
              f"{meta['cpus']} CPU cores.", "",
              "| setting | value |", "|---|---|"]
     for k, v in meta.items():
@@ -194,13 +205,13 @@ def write_report(results: dict, meta: dict, out_dir: Path) -> Path:
     lines += ["", "## What the controller did", ""]
     for s in systems:
         for h in results[s]["history"]:
-            lines.append(f"- t = {h['t_s']:.1f} s, {h['kind']}: {h['reason']}")
+            lines.append(f"- {s}, t = {h['t_s']:.1f} s, {h['kind']}: {h['reason']}")
             lines += [f"  - `{a}`" for a in h["actions"]]
     lines.append("")
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"controller_cpu_{date}.md"
+    path = out_dir / f"controller_cpu_{date}{tag}.md"
     path.write_text("\n".join(lines))
-    (out_dir / f"controller_cpu_{date}.json").write_text(json.dumps(
+    (out_dir / f"controller_cpu_{date}{tag}.json").write_text(json.dumps(
         {"meta": meta, "results": {s: {"summary": r["summary"], "history": r["history"]}
                                    for s, r in results.items()}}, indent=1, default=str))
     return path
@@ -216,12 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slo-scale", type=float, default=4.0)
     p.add_argument("--quality-budget", type=float, default=2.0)
     p.add_argument("--bin-s", type=float, default=10.0)
-    p.add_argument("--routing", default="power_of_two", choices=("slack", "power_of_two", "round_robin"))
-    p.add_argument("--admission", action="store_true", help="admission control on (default off)")
     p.add_argument("--port", type=int, default=8123)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--systems", default="static,controller,static-2",
-                   help="static (one replica), controller, static-2 (two replicas throughout)")
+    p.add_argument("--systems", default="static,dilaserve,static-2",
+                   help=f"comma-separated, from {', '.join(SYSTEMS)} (see SYSTEMS)")
+    p.add_argument("--tag", default="", help="suffix of the output file names")
     p.add_argument("--out", default=str(ROOT / "docs/benchmarks"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -241,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.copy(QUALITY, profiles / "quality.json")
     print("fitted latency profile:", latency["degrees"][0], flush=True)
 
-    config = serve_config(args.port, args.max_tokens, args.block_size, args.routing, args.admission)
+    config = serve_config(args.port, args.max_tokens, args.block_size)
     ray.init(num_cpus=3, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     trace = make_trace(args.rate, tuple(args.phase_s), args.prompt_tokens, args.max_tokens, args.seed)
@@ -261,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         print("idle latency:", baseline, flush=True)
         results = {}
         for name in args.systems.split(","):
-            run = run_system(name, name == "controller", config, controller_config, trace, baseline, args)
+            run = run_system(name, controller_config, trace, baseline, args)
             run["summary"] = summarize(run["records"], tuple(args.phase_s), args.bin_s)
             results[name] = run
             print(name, json.dumps(run["summary"]["phases"], indent=1), flush=True)
@@ -271,13 +281,13 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
     meta = {"cpus": os.cpu_count(), "rate_rps": f"{args.rate:g} then {2 * args.rate:g}",
             "phases_s": list(args.phase_s), "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
-            "block_size": args.block_size, "routing": args.routing, "admission": args.admission,
+            "block_size": args.block_size, "systems (routing, admission, controller, replicas)": {n: SYSTEMS[n] for n in args.systems.split(",")},
             "slo_scale": args.slo_scale, "quality_budget": args.quality_budget,
             "idle_latency_s": f"{baseline(args.prompt_tokens, args.max_tokens):.3f}", "bin_s": args.bin_s,
             "fitted step cost": latency["degrees"][0],
             "controller": {k: getattr(controller_config, k) for k in (
                 "gpus", "tick_s", "window_s", "period_s", "min_interval_s", "headroom")}}
-    print("wrote", write_report(results, meta, Path(args.out)))
+    print("wrote", write_report(results, meta, Path(args.out), args.tag))
     return 0
 
 

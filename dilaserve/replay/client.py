@@ -100,7 +100,7 @@ class _Progress:
     num_deltas: int = 0
     usage_tokens: int | None = None
     threshold: float | None = None
-    chunk_size: int | None = None
+    chunk_size: float | None = None
     parts: list[str] = field(default_factory=list)
 
 
@@ -206,8 +206,9 @@ class _Sender:
             if isinstance(extension, dict):
                 if isinstance(extension.get("threshold"), (int, float)):
                     progress.threshold = float(extension["threshold"])
-                if isinstance(extension.get("chunk_size"), int):
-                    progress.chunk_size = extension["chunk_size"]
+                size = extension.get("chunk_size")
+                if isinstance(size, (int, float)) and not isinstance(size, bool):
+                    progress.chunk_size = float(size)
         return None if is_done else "stream ended before [DONE]"
 
     def record(self, request: PreparedRequest, progress: _Progress, status: Status, *,

@@ -43,7 +43,7 @@ class RequestRecord:
     retry_after_s: float | None = None  # from a 429's Retry-After
     correct: bool | None = None  # answer checked against the task (None: not scored)
     threshold_used: float | None = None  # confidence threshold the server reported, if any
-    chunk_size: int | None = None  # chunk size the server reported, if any
+    chunk_size: float | None = None  # mean chunk size the server reported, if any
     error: str | None = None
 
     def __post_init__(self) -> None:
