@@ -4,6 +4,8 @@ Model: a random LLaDA-format model (``--shape``, default "tiny": d_model 64, 2 l
 4 heads, SwiGLU 128, vocab 320), float32 on CPU, one torch thread. Every request: a random prompt of
 ``--prompt-len`` tokens, ``--max-tokens`` generated in blocks of ``--block``, fixed steps
 (``--tokens-per-step`` per step, so the work does not depend on the random weights), dual cache.
+Each mode runs ``--repeats`` times, interleaved (one by one, batched, reference, then again), and
+the median run is reported, with the fastest and slowest: on a shared machine single runs vary.
 Prints a markdown table and writes JSON + markdown under docs/benchmarks/.
 """
 
@@ -13,6 +15,7 @@ import argparse
 import datetime
 import json
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -45,6 +48,7 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=32)
     parser.add_argument("--tokens-per-step", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each mode; the median is reported")
     parser.add_argument("--out", default="docs/benchmarks")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -59,50 +63,67 @@ def main() -> None:
     engine.add(engine.make_request("warmup", prompts[0], params))
     drain(engine)
 
-    t0 = time.perf_counter()
-    sequential_steps = 0
-    for i, p in enumerate(prompts):
-        engine.add(engine.make_request(f"s{i}", p, params))
-        sequential_steps += drain(engine)
-    sequential_s = time.perf_counter() - t0
+    def one_by_one(run: int) -> int:
+        total = 0
+        for i, p in enumerate(prompts):
+            engine.add(engine.make_request(f"s{run}-{i}", p, params))
+            total += drain(engine)
+        return total
 
-    t0 = time.perf_counter()
-    for i, p in enumerate(prompts):
-        engine.add(engine.make_request(f"b{i}", p, params))
-    batched_steps = drain(engine)
-    batched_s = time.perf_counter() - t0
+    def batched(run: int) -> int:
+        for i, p in enumerate(prompts):
+            engine.add(engine.make_request(f"b{run}-{i}", p, params))
+        return drain(engine)
 
     # For context: the reference generator (plain, one request at a time, same settings).
     ref_config = GenerationConfig(gen_length=args.max_tokens, block_length=args.block, steps=steps, cache="dual")
-    t0 = time.perf_counter()
-    reference_steps = sum(generate(model, p, ref_config).nfe for p in prompts)
-    reference_s = time.perf_counter() - t0
+
+    def reference(run: int) -> int:
+        return sum(generate(model, p, ref_config).nfe for p in prompts)
+
+    modes = {"sequential": one_by_one, "batched": batched, "reference": reference}
+    times: dict[str, list[float]] = {name: [] for name in modes}
+    num_steps: dict[str, int] = {}
+    for run in range(args.repeats):
+        for name in modes:
+            t0 = time.perf_counter()
+            num_steps[name] = modes[name](run)
+            times[name].append(time.perf_counter() - t0)
+    median = {name: statistics.median(ts) for name, ts in times.items()}
+    reference_s, sequential_s, batched_s = median["reference"], median["sequential"], median["batched"]
+    reference_steps, sequential_steps, batched_steps = (num_steps[m] for m in ("reference", "sequential", "batched"))
 
     tokens = args.requests * args.max_tokens
     rows = [
-        ("reference generator, one by one", reference_s, reference_steps),
-        ("engine, one by one", sequential_s, sequential_steps),
-        (f"engine, batched ({args.requests} at once)", batched_s, batched_steps),
+        ("reference generator, one by one", "reference", reference_steps),
+        ("engine, one by one", "sequential", sequential_steps),
+        (f"engine, batched ({args.requests} at once)", "batched", batched_steps),
     ]
     result = {
         "benchmark": "bench_engine_cpu", "date": datetime.date.today().isoformat(),
         "device": f"CPU ({platform.processor() or platform.machine()}, {args.threads} threads)",
         "torch": torch.__version__, "settings": vars(args),
         "model": {"shape": args.shape, **SHAPES[args.shape], "params": model.spec.num_params()},
-        "rows": [{"mode": m, "seconds": s, "steps": n, "requests_per_s": args.requests / s, "tokens_per_s": tokens / s}
-                 for m, s, n in rows],
+        "rows": [{"mode": m, "seconds": median[k], "seconds_min": min(times[k]), "seconds_max": max(times[k]),
+                  "seconds_all": times[k], "steps": n, "requests_per_s": args.requests / median[k],
+                  "tokens_per_s": tokens / median[k]}
+                 for m, k, n in rows],
         "speedup": sequential_s / batched_s,
+        "speedup_range": [min(times["sequential"]) / max(times["batched"]),
+                          max(times["sequential"]) / min(times["batched"])],
         "speedup_vs_reference": reference_s / batched_s,
     }
     lines = [
         f"# Engine on CPU: batched vs one by one ({result['date']}, {result['device']})", "",
         f"Random LLaDA-format model `{args.shape}` ({model.spec.num_params() / 1e6:.1f}M params), float32; "
         f"{args.requests} requests, prompt {args.prompt_len}, {args.max_tokens} generated, block {args.block}, "
-        f"fixed steps ({args.tokens_per_step} tokens/step), dual cache.", "",
-        "| mode | seconds | engine steps | requests/s | tokens/s |", "|---|---:|---:|---:|---:|",
-        *(f"| {r['mode']} | {r['seconds']:.2f} | {r['steps']} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} |"
-          for r in result["rows"]),
-        "", f"Speed-up of batching: **{result['speedup']:.1f}x** requests/s over the engine one by one, "
+        f"fixed steps ({args.tokens_per_step} tokens/step), dual cache; median of {args.repeats} runs per mode.", "",
+        "| mode | seconds (median) | min - max | engine steps | requests/s | tokens/s |",
+        "|---|---:|---:|---:|---:|---:|",
+        *(f"| {r['mode']} | {r['seconds']:.3f} | {r['seconds_min']:.3f} - {r['seconds_max']:.3f} | {r['steps']} "
+          f"| {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} |" for r in result["rows"]),
+        "", f"Speed-up of batching: **{result['speedup']:.1f}x** requests/s over the engine one by one "
+        f"(worst to best pairing of runs: {result['speedup_range'][0]:.1f}x - {result['speedup_range'][1]:.1f}x), "
         f"{result['speedup_vs_reference']:.1f}x over the reference generator one by one.",
     ]
     table = "\n".join(lines)

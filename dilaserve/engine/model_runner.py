@@ -15,7 +15,7 @@ import torch
 from dilaserve.engine.gpu import select_fast_path
 from dilaserve.engine.plan import Decision, StepOutput, StepPlan
 from dilaserve.engine.request import Request
-from dilaserve.generation.unmasking import choose_tokens, is_greedy_llada
+from dilaserve.generation.unmasking import choose_tokens, is_greedy_llada, select_chosen_batch
 from dilaserve.models.base import DiffusionLM
 from dilaserve.models.paged_attention import PagedAttention, PagedKVCache
 
@@ -35,7 +35,7 @@ class ModelRunner:
         self.fast_path = select_fast_path(self.device, kernels)
         self.attention_cls = self.fast_path.attention if self.fast_path else PagedAttention
         self._generators: dict[str, torch.Generator] = {}
-        self._slot_maps: dict[str, torch.Tensor] = {}
+        self._key_layouts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def generator_for(self, request: Request) -> torch.Generator:
         gen = self._generators.get(request.request_id)
@@ -46,101 +46,155 @@ class ModelRunner:
 
     def release(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
-        self._slot_maps.pop(request_id, None)
-
-    def slot_map(self, request: Request) -> torch.Tensor:
-        """Physical KV slot of every position of the request (its pages never change)."""
-        slots = self._slot_maps.get(request.request_id)
-        if slots is None:
-            pos = torch.arange(request.seq_len)
-            pages = torch.tensor(request.pages)
-            slots = pages[pos // self.page_size] * self.page_size + pos % self.page_size
-            self._slot_maps[request.request_id] = slots
-        return slots
 
     def _build(self, plan: StepPlan):
-        ids, positions, slots, key_slots, q_counts = [], [], [], [], []
-        for item in plan.items:
+        """The step's packed model inputs, made by a fixed number of tensor ops whatever the
+        batch size: per request, Python only appends to lists (ids, positions, page tables)."""
+        items = plan.items
+        ids: list[int] = []
+        positions: list[int] = []
+        owners: list[int] = []
+        q_counts, key_lens, tables = [], [], []
+        for i, item in enumerate(items):
             r = item.request
-            all_slots = self.slot_map(r)
             ids.extend(r.canvas[item.compute_start:item.compute_end])
-            positions.append(torch.arange(item.compute_start, item.compute_end))
-            slots.append(all_slots[item.compute_start:item.compute_end])
-            # Block-causal queries see nothing past their block, which ends the computed range.
-            key_slots.append(all_slots[:item.compute_end] if self.spec.causal_block_size else all_slots)
+            positions.extend(range(item.compute_start, item.compute_end))
+            owners.extend([i] * item.num_tokens)
             q_counts.append(item.num_tokens)
-        num_req = len(plan.items)
-        q_max, l_max = max(q_counts), max(len(k) for k in key_slots)
-        q_lens = torch.tensor(q_counts)
-        q_starts = torch.cumsum(q_lens, 0) - q_lens
-        offs = torch.arange(q_max)
-        query_valid = offs.unsqueeze(0) < q_lens.unsqueeze(1)
-        query_index = torch.where(query_valid, q_starts.unsqueeze(1) + offs, 0)
-        key_index = torch.zeros(num_req, l_max, dtype=torch.long)
-        key_valid = torch.zeros(num_req, l_max, dtype=torch.bool)
-        for i, ks in enumerate(key_slots):
-            key_index[i, : len(ks)] = ks
-            key_valid[i, : len(ks)] = True
+            # Block-causal queries see nothing past their block, which ends the computed range.
+            key_lens.append(item.compute_end if self.spec.causal_block_size else r.seq_len)
+            tables.append(r.pages)
+        num_req, num_tokens = len(items), len(ids)
+        q_max, l_max = max(q_counts), max(key_lens)
+        packed = torch.tensor([ids, positions, owners])
+        # key_index[r, j]: the slot of request r's position j (page tables padded with page 0,
+        # whose slots padded keys name but never read: key_valid masks them).
+        num_pages = max(len(t) for t in tables)
+        page_table = torch.tensor([t + [0] * (num_pages - len(t)) for t in tables])
+        page_of_key, offset_in_page = self._key_layout(l_max)
+        key_index = page_table.index_select(1, page_of_key).mul_(self.page_size).add_(offset_in_page)
+        if all(n == l_max for n in key_lens):
+            key_valid = torch.ones(num_req, l_max, dtype=torch.bool)
+        else:
+            key_valid = torch.arange(l_max).unsqueeze(0) < torch.tensor(key_lens).unsqueeze(1)
+        slots = key_index[packed[2], packed[1]]
+        # Each request's queries are a run of the packed tokens, in request order.
+        if all(n == q_max for n in q_counts):
+            query_index = torch.arange(num_tokens).view(num_req, q_max)
+            query_valid = torch.ones(num_req, q_max, dtype=torch.bool)
+        else:
+            q_lens = torch.tensor(q_counts)
+            offs = torch.arange(q_max)
+            query_valid = offs.unsqueeze(0) < q_lens.unsqueeze(1)
+            query_index = torch.where(query_valid, (torch.cumsum(q_lens, 0) - q_lens).unsqueeze(1) + offs, 0)
         dev = self.device
         extra = {}
         if self.spec.causal_block_size:
-            starts = torch.tensor([item.compute_start for item in plan.items])
-            extra = dict(query_positions=(starts.unsqueeze(1) + offs).to(dev),
+            starts = torch.tensor([item.compute_start for item in items])
+            extra = dict(query_positions=(starts.unsqueeze(1) + torch.arange(q_max)).to(dev),
                          causal_block_size=self.spec.causal_block_size)
         attn = self.attention_cls(
-            self.cache, torch.cat(slots).to(dev), query_index.to(dev), query_valid.to(dev),
+            self.cache, slots.to(dev), query_index.to(dev), query_valid.to(dev),
             key_index.to(dev), key_valid.to(dev), **extra,
         )
-        return (torch.tensor(ids, device=dev), torch.cat(positions).to(dev), attn, q_starts.tolist())
+        return packed[0].to(dev), packed[1].to(dev), attn
+
+    def _key_layout(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(page, offset in page) of positions 0 .. length - 1, kept per length."""
+        layout = self._key_layouts.get(length)
+        if layout is None:
+            pos = torch.arange(length)
+            layout = self._key_layouts[length] = (pos // self.page_size, pos % self.page_size)
+        return layout
+
+    def _query_rows(self, plan: StepPlan) -> tuple[torch.Tensor, list[int]]:
+        """Packed rows whose hidden states give the queried positions' logits (the logit
+        budget; shifted models read position p from p - 1), and each request's count."""
+        positions: list[int] = []
+        offsets: list[int] = []
+        sizes = []
+        base = 0
+        for item in plan.items:
+            n = len(item.query_positions)
+            positions.extend(item.query_positions)
+            offsets.extend([base - item.compute_start] * n)
+            sizes.append(n)
+            base += item.num_tokens
+        positions_and_offsets = torch.tensor([positions, offsets])
+        rows = positions_and_offsets[0]
+        if self.spec.shift_logits:
+            rows = (rows - 1).clamp_(min=0)
+        return (rows + positions_and_offsets[1]).to(self.device), sizes
+
+    def _greedy_commits(self, requests: list[Request], unmaskers, tokens: torch.Tensor, confidence: torch.Tensor,
+                        sizes: list[int]) -> tuple[list[list[bool]], list[list[int]]]:
+        """Commits of the greedy requests, whose (token, confidence) rows are packed in
+        ``tokens`` / ``confidence``: one padded [requests, queries] selection for all of them."""
+        q_max = max(sizes)
+        if all(n == q_max for n in sizes):
+            tokens, confidence = tokens.view(len(sizes), q_max), confidence.view(len(sizes), q_max)
+        else:
+            counts = torch.tensor(sizes, device=tokens.device)
+            offs = torch.arange(q_max, device=tokens.device)
+            valid = offs.unsqueeze(0) < counts.unsqueeze(1)
+            index = torch.where(valid, (torch.cumsum(counts, 0) - counts).unsqueeze(1) + offs, 0)
+            tokens = tokens[index]
+            confidence = confidence[index].masked_fill(~valid, -torch.inf)
+        commit = select_chosen_batch(
+            unmaskers, confidence, sizes, steps=[r.step_in_block for r in requests],
+            num_masked_in_block=[r.num_masked_at_block_start for r in requests],
+        )
+        return commit.tolist(), tokens.tolist()
 
     @torch.no_grad()
     def run(self, plan: StepPlan) -> StepOutput:
         start_time = time.perf_counter()
-        input_ids, positions, attn, q_starts = self._build(plan)
+        input_ids, positions, attn = self._build(plan)
         hidden = self.model(input_ids, positions, attn)
-        # Logit budget: rows for the queried positions only (shifted models read p - 1).
-        shift = 1 if self.spec.shift_logits else 0
-        rows, sizes = [], []
-        for item, base in zip(plan.items, q_starts):
-            rows.extend(base + max(p - shift, 0) - item.compute_start for p in item.query_positions)
-            sizes.append(len(item.query_positions))
-        hidden_rows = hidden[torch.tensor(rows, device=self.device)]
-        unmaskers = [item.request.params.unmasker(item.request.threshold) for item in plan.items]
-        # Greedy LLaDA-style rows share one argmax / softmax pass; the rest choose per request.
+        rows, sizes = self._query_rows(plan)
+        hidden_rows = hidden.index_select(0, rows)
+        items = plan.items
+        unmaskers = [item.request.params.unmasker(item.request.threshold) for item in items]
+        # Greedy LLaDA-style rows share one argmax / softmax pass and one selection; the rest
+        # choose per request, with their own generators.
         greedy = [is_greedy_llada(u) for u in unmaskers]
-        shared = logits = None
-        if self.fast_path is not None and all(greedy):
+        greedy_idx = [i for i, g in enumerate(greedy) if g]
+        logits = tokens_all = conf_all = None
+        if self.fast_path is not None and len(greedy_idx) == len(items):
             # Fused logit budget: (token, confidence) without a [rows, vocab] tensor.
             tokens_all, conf_all = self.fast_path.greedy_choices(
                 hidden_rows, self.model.lm_head_weight(), self.spec.mask_token_id)
-            shared = iter(zip(torch.split(tokens_all, sizes), torch.split(conf_all, sizes)))
         else:
             logits = self.model.compute_logits(hidden_rows).float()
             # The mask token is never a prediction: committing it would leave a position masked forever.
             logits[:, self.spec.mask_token_id] = -torch.inf
-        if logits is not None and any(greedy):
-            keep = torch.cat([torch.full((n,), g, dtype=torch.bool) for n, g in zip(sizes, greedy)]).to(self.device)
-            tokens_all, conf_all = choose_tokens(logits[keep], 0.0, "low_confidence", None)
-            shared = iter(zip(torch.split(tokens_all, [n for n, g in zip(sizes, greedy) if g]),
-                              torch.split(conf_all, [n for n, g in zip(sizes, greedy) if g])))
+            if len(greedy_idx) == len(items):
+                tokens_all, conf_all = choose_tokens(logits, 0.0, "low_confidence", None)
+            elif greedy_idx:
+                keep = torch.repeat_interleave(torch.tensor(greedy, device=self.device),
+                                               torch.tensor(sizes, device=self.device))
+                tokens_all, conf_all = choose_tokens(logits[keep], 0.0, "low_confidence", None)
+        chosen = {}
+        if greedy_idx:
+            commits, token_rows = self._greedy_commits(
+                [items[i].request for i in greedy_idx], [unmaskers[i] for i in greedy_idx], tokens_all, conf_all,
+                [sizes[i] for i in greedy_idx])
+            chosen = dict(zip(greedy_idx, zip(commits, token_rows)))
+        parts = torch.split(logits, sizes) if logits is not None and len(greedy_idx) < len(items) else None
         decisions = {}
-        parts = torch.split(logits, sizes) if logits is not None else [None] * len(sizes)
-        for item, part, unmasker, is_greedy in zip(plan.items, parts, unmaskers, greedy):
+        for i, item in enumerate(items):
             r = item.request
-            if is_greedy:
-                tokens, confidence = next(shared)
-                choice = unmasker.select_chosen(
-                    tokens, confidence, step=r.step_in_block, num_masked_in_block=r.num_masked_at_block_start
-                )
+            if i in chosen:
+                commit, tokens = chosen[i]
             else:
-                choice = unmasker.select(
-                    part, step=r.step_in_block, num_masked_in_block=r.num_masked_at_block_start,
+                choice = unmaskers[i].select(
+                    parts[i], step=r.step_in_block, num_masked_in_block=r.num_masked_at_block_start,
                     generator=self.generator_for(r),
                 )
-            commit = choice.commit.nonzero().squeeze(1).tolist()
-            tokens = choice.tokens.tolist()
+                commit, tokens = choice.commit.tolist(), choice.tokens.tolist()
+            picked = [j for j, c in enumerate(commit[:len(item.query_positions)]) if c]
             decisions[r.request_id] = Decision(
-                tuple(item.query_positions[i] for i in commit), tuple(tokens[i] for i in commit)
+                tuple(item.query_positions[j] for j in picked), tuple(tokens[j] for j in picked)
             )
         if self.device.type == "cuda":
             torch.cuda.synchronize()

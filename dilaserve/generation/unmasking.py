@@ -79,6 +79,59 @@ def is_greedy_llada(unmasker: Unmasker) -> bool:
             and unmasker.remasking == "low_confidence")
 
 
+def select_chosen_batch(
+    unmaskers: list["ThresholdUnmasker | FixedStepsUnmasker"], confidence: torch.Tensor, num_queries: list[int],
+    *, steps: list[int], num_masked_in_block: list[int],
+) -> torch.Tensor:
+    """``select_chosen`` for many greedy requests at once (``is_greedy_llada``).
+
+    confidence: [R, Q], row r holding request r's ``num_queries[r]`` confidences, then padding
+    (-inf). Returns commit [R, Q] bool, row r equal
+    to what ``unmaskers[r].select_chosen`` returns for its own row, ties included: the argmax
+    takes the first maximum, as on one row, and top-k runs on rows grouped by (length, k), so
+    it sees exactly the row it would see alone.
+    """
+    commit = torch.zeros_like(confidence, dtype=torch.bool)
+    threshold_rows, top_groups = [], {}
+    for r, (unmasker, n) in enumerate(zip(unmaskers, num_queries)):
+        if isinstance(unmasker, ThresholdUnmasker):
+            threshold_rows.append(r)
+        else:
+            k = unmasker.commit_count(steps[r], num_masked_in_block[r], n)
+            if k > 0:
+                top_groups.setdefault((n, k), []).append(r)
+    if threshold_rows:
+        thresholds = {unmaskers[r].threshold for r in threshold_rows}
+        threshold = thresholds.pop() if len(thresholds) == 1 else torch.tensor(
+            [unmaskers[r].threshold for r in threshold_rows], dtype=confidence.dtype, device=confidence.device
+        ).unsqueeze(1)
+        rows, conf = _rows(confidence, threshold_rows)
+        chosen = conf >= threshold
+        chosen.scatter_(1, conf.argmax(dim=1, keepdim=True), True)
+        _set_rows(commit, rows, chosen)
+    for (n, k), group in top_groups.items():
+        rows, conf = _rows(confidence, group)
+        chosen = torch.zeros_like(conf, dtype=torch.bool)
+        chosen.scatter_(1, torch.topk(conf[:, :n], k=k, dim=1).indices, True)
+        _set_rows(commit, rows, chosen)
+    return commit
+
+
+def _rows(x: torch.Tensor, rows: list[int]) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(index, x[rows]); index None when ``rows`` is every row, in order."""
+    if len(rows) == x.shape[0]:
+        return None, x
+    index = torch.tensor(rows, device=x.device)
+    return index, x.index_select(0, index)
+
+
+def _set_rows(x: torch.Tensor, index: torch.Tensor | None, values: torch.Tensor) -> None:
+    if index is None:
+        x.copy_(values)
+    else:
+        x.index_copy_(0, index, values)
+
+
 def fixed_schedule(num_masked: int, steps: int) -> list[int]:
     """LLaDA's get_num_transfer_tokens for one request: even split, remainder first."""
     base, rem = divmod(num_masked, steps)
@@ -123,9 +176,13 @@ class FixedStepsUnmasker(_ChoosesLikeLLaDA):
     remasking: str = "low_confidence"
 
     def select_chosen(self, tokens, confidence, *, step, num_masked_in_block):
-        schedule = fixed_schedule(num_masked_in_block, self.steps_per_block)
-        k = schedule[step] if step < len(schedule) else confidence.numel()
+        k = self.commit_count(step, num_masked_in_block, confidence.numel())
         return Selection(_top(confidence, k), tokens)
+
+    def commit_count(self, step: int, num_masked_in_block: int, num_queries: int) -> int:
+        """How many of ``num_queries`` queried positions this step commits."""
+        schedule = fixed_schedule(num_masked_in_block, self.steps_per_block)
+        return min(schedule[step] if step < len(schedule) else num_queries, num_queries)
 
     def steps_for_block(self, block_len):
         return self.steps_per_block

@@ -36,19 +36,22 @@ def _expand_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def padded_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None
 ) -> torch.Tensor:
     """Batched bidirectional attention over padded sequences.
 
-    q: [B, Q, H, D]; k, v: [B, L, KVH, D]; key_mask: [B, Q or 1, L] bool (True = visible).
-    Returns [B, Q, H, D]. Padded query rows must still see at least one key.
+    q: [B, Q, H, D]; k, v: [B, L, KVH, D]; key_mask: [B, Q or 1, L] bool (True = visible), or
+    None when every key is visible. Returns [B, Q, H, D]. Padded query rows must still see at
+    least one key.
     """
     num_heads = q.shape[2]
     qh = q.transpose(1, 2)
     kh = _expand_kv(k.transpose(1, 2), num_heads)
     vh = _expand_kv(v.transpose(1, 2), num_heads)
     # An all-visible mask is dropped: SDPA then takes its fused path instead of the masked one.
-    mask = None if bool(key_mask.all()) else key_mask.unsqueeze(1)
+    if key_mask is not None and bool(key_mask.all()):
+        key_mask = None
+    mask = None if key_mask is None else key_mask.unsqueeze(1)
     out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
     return out.transpose(1, 2)
 

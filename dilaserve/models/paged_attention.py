@@ -48,13 +48,37 @@ class PagedAttention:
     query_positions: torch.Tensor | None = None
     causal_block_size: int = 0
 
-    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        k_pool, v_pool = self.cache.k[layer_idx], self.cache.v[layer_idx]
-        k_pool[self.slot_mapping] = k
-        v_pool[self.slot_mapping] = v
+    def __post_init__(self) -> None:
+        # What every layer of the step shares is worked out once: the key mask (dropped when it
+        # hides nothing, so attention takes its unmasked path) and the packed <-> padded layout.
+        num_requests, max_queries = self.query_index.shape
+        self._flat_key_slots = self.key_slots.reshape(-1)
         mask = self.key_valid.unsqueeze(1)  # [R, 1, Lmax]
         if self.causal_block_size:
-            k_pos = torch.arange(self.key_slots.shape[1], device=q.device)
+            k_pos = torch.arange(self.key_slots.shape[1], device=self.key_slots.device)
             mask = mask & causal_block_mask(self.query_positions, k_pos, self.causal_block_size)
-        out = padded_attention(q[self.query_index], k_pool[self.key_slots], v_pool[self.key_slots], mask)
-        return out[self.query_valid]
+        self._mask = None if bool(mask.all()) else mask
+        num_tokens = self.slot_mapping.shape[0]
+        # Dense: every request computes the same number of tokens, so the packed tokens are the
+        # padded layout already and need no gather or scatter.
+        self._flat_query_index = self.query_index.reshape(-1)
+        self._is_dense = (num_requests * max_queries == num_tokens and bool(self.query_valid.all())
+                          and torch.equal(self._flat_query_index,
+                                          torch.arange(num_tokens, device=self.query_index.device)))
+        self._valid_rows = None if self._is_dense else self.query_valid.reshape(-1).nonzero().squeeze(1)
+
+    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_pool, v_pool = self.cache.k[layer_idx], self.cache.v[layer_idx]
+        k_pool.index_copy_(0, self.slot_mapping, k)
+        v_pool.index_copy_(0, self.slot_mapping, v)
+        num_requests, max_queries = self.query_index.shape
+        padded_keys = (num_requests, self.key_slots.shape[1], *k.shape[1:])
+        keys = k_pool.index_select(0, self._flat_key_slots).view(padded_keys)
+        values = v_pool.index_select(0, self._flat_key_slots).view(padded_keys)
+        if self._is_dense:
+            queries = q.view(num_requests, max_queries, *q.shape[1:])
+        else:
+            queries = q.index_select(0, self._flat_query_index).view(num_requests, max_queries, *q.shape[1:])
+        out = padded_attention(queries, keys, values, self._mask)
+        out = out.reshape(num_requests * max_queries, *out.shape[2:])
+        return out if self._valid_rows is None else out.index_select(0, self._valid_rows)
