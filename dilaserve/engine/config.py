@@ -37,6 +37,8 @@ class EngineConfig:
     # "auto": Triton kernels (paged attention, fused logit budget) on CUDA when triton imports;
     # "torch": the pure-torch reference path everywhere; "triton": require the kernels.
     kernels: str = "auto"
+    # Replay reuse steps from CUDA graphs (bucketed step shapes) where the Triton path runs.
+    cuda_graphs: bool = True
     # A quality profile (``dilaserve profile quality`` JSON) whose tokens decided per step seed
     # the engine's estimate for each threshold; None: the model directory's
     # ``quality_profile.json`` when there is one.

@@ -28,7 +28,7 @@ class Engine(EngineCore):
     def __init__(self, model: DiffusionLM, config: EngineConfig | None = None, clock=time.monotonic):
         config = config or EngineConfig()
         num_pages = num_pages_for(config, model)
-        runner = ModelRunner(model, num_pages, config.page_size, config.kernels)
+        runner = ModelRunner(model, num_pages, config.page_size, config.kernels, config.cuda_graphs)
         memory = StepMemoryModel.for_spec(
             model.spec, next(model.parameters()).element_size(), fused_logits=runner.fast_path is not None,
             padded_attention=runner.attention_cls is PagedAttention)

@@ -13,6 +13,7 @@ import time
 import torch
 
 from dilaserve.engine.gpu import select_fast_path
+from dilaserve.engine.gpu.graphs import ReuseGraphs, StepInputs
 from dilaserve.engine.plan import Decision, StepOutput, StepPlan
 from dilaserve.engine.request import Request
 from dilaserve.generation.unmasking import choose_tokens, is_greedy_llada, select_chosen_batch
@@ -21,19 +22,27 @@ from dilaserve.models.paged_attention import PagedAttention, PagedKVCache
 
 
 class ModelRunner:
-    def __init__(self, model: DiffusionLM, num_pages: int, page_size: int, kernels: str = "auto"):
+    def __init__(self, model: DiffusionLM, num_pages: int, page_size: int, kernels: str = "auto",
+                 cuda_graphs: bool = True):
         self.model = model
         self.spec = model.spec
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.page_size = page_size
-        self.cache = PagedKVCache(
-            self.spec.num_layers, num_pages, page_size, self.spec.num_kv_heads, self.spec.head_dim,
-            self.dtype, self.device,
-        )
         # Triton kernels on CUDA (attention + fused logit budget), else the pure-torch path.
         self.fast_path = select_fast_path(self.device, kernels)
         self.attention_cls = self.fast_path.attention if self.fast_path else PagedAttention
+        # Reuse steps replay CUDA graphs on the fast path (bidirectional models); padding tokens
+        # write a scratch page past the pool the allocator hands out.
+        use_graphs = (cuda_graphs and self.fast_path is not None and self.device.type == "cuda"
+                      and not self.spec.causal_block_size)
+        self.cache = PagedKVCache(
+            self.spec.num_layers, num_pages + (1 if use_graphs else 0), page_size, self.spec.num_kv_heads,
+            self.spec.head_dim, self.dtype, self.device,
+        )
+        self.block_ops = self.fast_path.block_ops if self.fast_path else None
+        self.graphs = ReuseGraphs(model, self.cache, self.attention_cls, num_pages * page_size,
+                                  self.spec.mask_token_id, ops=self.block_ops) if use_graphs else None
         self._generators: dict[str, torch.Generator] = {}
         self._key_layouts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -49,7 +58,8 @@ class ModelRunner:
 
     def _build(self, plan: StepPlan):
         """The step's packed model inputs, made by a fixed number of tensor ops whatever the
-        batch size: per request, Python only appends to lists (ids, positions, page tables)."""
+        batch size: per request, Python only appends to lists (ids, positions, page tables).
+        Returns the inputs on the CPU and the extra arguments of block-causal attention."""
         items = plan.items
         ids: list[int] = []
         positions: list[int] = []
@@ -87,17 +97,25 @@ class ModelRunner:
             offs = torch.arange(q_max)
             query_valid = offs.unsqueeze(0) < q_lens.unsqueeze(1)
             query_index = torch.where(query_valid, (torch.cumsum(q_lens, 0) - q_lens).unsqueeze(1) + offs, 0)
-        dev = self.device
         extra = {}
         if self.spec.causal_block_size:
             starts = torch.tensor([item.compute_start for item in items])
-            extra = dict(query_positions=(starts.unsqueeze(1) + torch.arange(q_max)).to(dev),
+            extra = dict(query_positions=(starts.unsqueeze(1) + torch.arange(q_max)).to(self.device),
                          causal_block_size=self.spec.causal_block_size)
-        attn = self.attention_cls(
-            self.cache, slots.to(dev), query_index.to(dev), query_valid.to(dev),
-            key_index.to(dev), key_valid.to(dev), **extra,
-        )
-        return packed[0].to(dev), packed[1].to(dev), attn
+        return StepInputs(packed[0], packed[1], slots, query_index, query_valid, key_index, key_valid), extra
+
+    def _forward(self, plan: StepPlan) -> torch.Tensor:
+        """Hidden states of the packed tokens: from a CUDA graph for reuse steps when one
+        applies, else eagerly."""
+        inputs, extra = self._build(plan)
+        if self.graphs is not None and not any(item.is_refresh for item in plan.items):
+            hidden = self.graphs.run(inputs)
+            if hidden is not None:
+                return hidden
+        dev = inputs.to(self.device)
+        attn = self.attention_cls(self.cache, dev.slot_mapping, dev.query_index, dev.query_valid,
+                                  dev.key_slots, dev.key_valid, **extra)
+        return self.model(dev.input_ids, dev.positions, attn, self.block_ops)
 
     def _key_layout(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(page, offset in page) of positions 0 .. length - 1, kept per length."""
@@ -149,8 +167,7 @@ class ModelRunner:
     @torch.no_grad()
     def run(self, plan: StepPlan) -> StepOutput:
         start_time = time.perf_counter()
-        input_ids, positions, attn = self._build(plan)
-        hidden = self.model(input_ids, positions, attn)
+        hidden = self._forward(plan)
         rows, sizes = self._query_rows(plan)
         hidden_rows = hidden.index_select(0, rows)
         items = plan.items

@@ -19,7 +19,9 @@ class DiffusionLM(nn.Module):
 
     spec: ModelSpec
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend,
+                ops=None) -> torch.Tensor:
+        """Hidden states of the packed tokens; ``ops``: fused element-wise kernels (``layers.BlockOps``)."""
         raise NotImplementedError
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

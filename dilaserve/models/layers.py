@@ -8,6 +8,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dataclasses import dataclass
+from typing import Callable
+
 from dilaserve.models.attention import AttentionBackend
 
 
@@ -56,6 +59,23 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (h * cos + rotated * sin).to(x.dtype)
 
 
+@dataclass(frozen=True)
+class BlockOps:
+    """Fused element-wise operations of a block (the GPU fast path's Triton kernels, see
+    ``kernels/fused.py``), each computing what the eager code here computes:
+    ``rms_norm(x, weight, eps)``, ``add_rms_norm(x, residual, weight, eps) -> (norm(x +
+    residual), x + residual)``, ``rotary(q, k, cos, sin) -> (q, k)`` and ``silu_mul(gate, up)``."""
+
+    rms_norm: Callable
+    add_rms_norm: Callable
+    rotary: Callable
+    silu_mul: Callable
+
+
+def final_norm(x: torch.Tensor, norm: RMSNorm, ops: BlockOps | None) -> torch.Tensor:
+    return norm(x) if ops is None else ops.rms_norm(x, norm.weight, norm.eps)
+
+
 def transformer_block(
     x: torch.Tensor,
     *,
@@ -74,11 +94,16 @@ def transformer_block(
     head_dim: int,
     q_norm: RMSNorm | None = None,
     k_norm: RMSNorm | None = None,
+    ops: BlockOps | None = None,
 ) -> torch.Tensor:
     """One pre-norm block: x + attn(norm(x)), then h + down(silu(gate(norm(h))) * up(norm(h))).
 
     ``q_norm`` / ``k_norm`` (Qwen3's QK-norm): RMSNorm of each head's query and key over
-    head_dim, before the rotary embedding."""
+    head_dim, before the rotary embedding. ``ops``: fused kernels for the element-wise work
+    (five launches a block instead of ~35), else the eager code below."""
+    if ops is not None:
+        return _fused_block(x, layer_idx, attn_norm, q_proj, k_proj, v_proj, o_proj, mlp_norm, gate_proj,
+                            up_proj, down_proj, rotary, attn, head_dim, q_norm, k_norm, ops)
     n = x.shape[0]
     h = attn_norm(x)
     q = q_proj(h).view(n, -1, head_dim)
@@ -92,3 +117,18 @@ def transformer_block(
     x = x + o_proj(a.reshape(n, -1))
     h = mlp_norm(x)
     return x + down_proj(F.silu(gate_proj(h)) * up_proj(h))
+
+
+def _fused_block(x, layer_idx, attn_norm, q_proj, k_proj, v_proj, o_proj, mlp_norm, gate_proj, up_proj, down_proj,
+                 rotary, attn, head_dim, q_norm, k_norm, ops: BlockOps) -> torch.Tensor:
+    n = x.shape[0]
+    h = ops.rms_norm(x, attn_norm.weight, attn_norm.eps)
+    q = q_proj(h).view(n, -1, head_dim)
+    k = k_proj(h).view(n, -1, head_dim)
+    v = v_proj(h).view(n, -1, head_dim)
+    if q_norm is not None:
+        q, k = q_norm(q), k_norm(k)
+    q, k = ops.rotary(q, k, *rotary)
+    a = attn(layer_idx, q, k, v)
+    h, x = ops.add_rms_norm(o_proj(a.reshape(n, -1)), x, mlp_norm.weight, mlp_norm.eps)
+    return x + down_proj(ops.silu_mul(gate_proj(h), up_proj(h)))

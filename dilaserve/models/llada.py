@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from dilaserve.models.attention import AttentionBackend
 from dilaserve.models.base import DiffusionLM
-from dilaserve.models.layers import RMSNorm, rotary_cos_sin, transformer_block
+from dilaserve.models.layers import BlockOps, RMSNorm, final_norm, rotary_cos_sin, transformer_block
 from dilaserve.models.spec import ModelSpec
 
 
@@ -47,7 +47,8 @@ class LLaDAModel(DiffusionLM):
         self.model = nn.Module()
         self.model.transformer = transformer
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend,
+                ops: BlockOps | None = None) -> torch.Tensor:
         t = self.model.transformer
         x = t.wte(input_ids)
         rotary = rotary_cos_sin(positions, self.spec.head_dim, self.spec.rope_theta)
@@ -55,9 +56,9 @@ class LLaDAModel(DiffusionLM):
             x = transformer_block(
                 x, layer_idx=i, attn_norm=b.attn_norm, q_proj=b.q_proj, k_proj=b.k_proj, v_proj=b.v_proj,
                 o_proj=b.attn_out, mlp_norm=b.ff_norm, gate_proj=b.ff_proj, up_proj=b.up_proj,
-                down_proj=b.ff_out, rotary=rotary, attn=attn, head_dim=self.spec.head_dim,
+                down_proj=b.ff_out, rotary=rotary, attn=attn, head_dim=self.spec.head_dim, ops=ops,
             )
-        return t.ln_f(x)
+        return final_norm(x, t.ln_f, ops)
 
     def lm_head_weight(self) -> torch.Tensor:
         t = self.model.transformer

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from dilaserve.models.attention import AttentionBackend
 from dilaserve.models.base import DiffusionLM
-from dilaserve.models.layers import RMSNorm, rotary_cos_sin, transformer_block
+from dilaserve.models.layers import BlockOps, RMSNorm, final_norm, rotary_cos_sin, transformer_block
 from dilaserve.models.spec import ModelSpec
 
 
@@ -66,7 +66,8 @@ class SDARModel(DiffusionLM):
         if not spec.tie_embeddings:
             self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend,
+                ops: BlockOps | None = None) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
         rotary = rotary_cos_sin(positions, self.spec.head_dim, self.spec.rope_theta)
         for i, layer in enumerate(self.model.layers):
@@ -76,8 +77,9 @@ class SDARModel(DiffusionLM):
                 v_proj=a.v_proj, o_proj=a.o_proj, mlp_norm=layer.post_attention_layernorm,
                 gate_proj=m.gate_proj, up_proj=m.up_proj, down_proj=m.down_proj,
                 rotary=rotary, attn=attn, head_dim=self.spec.head_dim, q_norm=a.q_norm, k_norm=a.k_norm,
+                ops=ops,
             )
-        return self.model.norm(x)
+        return final_norm(x, self.model.norm, ops)
 
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.spec.tie_embeddings else self.lm_head.weight

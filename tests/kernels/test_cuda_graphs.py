@@ -50,3 +50,27 @@ def test_graph_replay_matches_eager():
         assert replayed is not None and replayed.shape == eager.shape
         torch.testing.assert_close(replayed.float(), eager, rtol=2e-2, atol=2e-2)
     assert graphs.num_captures >= 1 and graphs.num_replays == 3
+
+
+@pytest.mark.parametrize("decoding", [dict(steps=8), dict(threshold=0.7)])
+def test_engine_with_graphs_decodes_as_without(decoding):
+    """The engine with reuse steps replayed from graphs gives the eager path's tokens (float32)."""
+    pytest.importorskip("triton")
+    from dilaserve.engine.config import EngineConfig
+    from dilaserve.engine.engine import Engine
+    from dilaserve.engine.random_model import TINY, build_model
+    from dilaserve.engine.sampling_params import SamplingParams
+    from tests.engine.helpers import make_prompts, run_to_completion
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = build_model(TINY, torch.device("cuda"), seed=1, dtype=torch.float32)
+    prompts = make_prompts(5, seed=3, lo=3, hi=40)
+    params = SamplingParams(max_tokens=32, block_size=16, cache="dual", **decoding)
+    requests = [(f"r{i}", p, params) for i, p in enumerate(prompts)]
+    outs = {}
+    for graphs in (False, True):
+        engine = Engine(model, EngineConfig(num_pages=256, page_size=8, kernels="triton", cuda_graphs=graphs))
+        outs[graphs] = {k: v[0] for k, v in run_to_completion(engine, requests).items()}
+        if graphs:
+            assert engine.runner.graphs.num_replays > 0
+    assert outs[True] == outs[False]

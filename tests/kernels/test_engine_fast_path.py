@@ -16,6 +16,8 @@ triton = pytest.importorskip("triton")
 from dilaserve.engine.gpu import FastPath, select_fast_path  # noqa: E402
 from dilaserve.engine.gpu.attention import TritonPagedAttention  # noqa: E402
 from dilaserve.engine.gpu.logits import greedy_choices  # noqa: E402
+from dilaserve.models.layers import BlockOps  # noqa: E402
+from kernels import fused  # noqa: E402
 from kernels.interpreter import interpreting  # noqa: E402
 
 
@@ -25,11 +27,14 @@ def _engine(model, fast: bool):
     if not hasattr(runner, "attention_cls"):
         pytest.skip("the model runner has no kernel hook yet (dilaserve/engine/gpu/engine_hook.patch)")
     if fast:  # on CPU the kernels run in the Triton interpreter
-        runner.fast_path = FastPath(TritonPagedAttention, greedy_choices)
+        ops = BlockOps(fused.rms_norm, fused.add_rms_norm, fused.rotary, fused.silu_mul)
+        runner.fast_path = FastPath(TritonPagedAttention, greedy_choices, ops)
         runner.attention_cls = TritonPagedAttention
+        runner.block_ops = ops
     else:
         runner.fast_path = None
         runner.attention_cls = PagedAttention
+        runner.block_ops = None
     return engine
 
 
@@ -69,3 +74,4 @@ def test_selection():
             select_fast_path(torch.device("cpu"), "triton")
     if torch.cuda.is_available():
         assert select_fast_path(torch.device("cuda")).attention is TritonPagedAttention
+        assert select_fast_path(torch.device("cuda")).block_ops.rotary is fused.rotary

@@ -5,6 +5,8 @@
   request's keys into a padded tensor.
 - logit budget: ``greedy_choices`` returns (argmax token, its softmax probability) for the
   queried rows straight from the LM head, never forming [rows, vocab] logits.
+- block ops: RMSNorm, residual add + RMSNorm, rotary q+k and SiLU-mul as fused kernels
+  (``kernels/fused.py``), passed to the model's forward.
 
 ``select_fast_path`` picks it for a CUDA device when triton imports; everything else (CPU,
 no triton, ``kernels="torch"``) stays on the reference path. Importing this package does not
@@ -29,6 +31,7 @@ KERNEL_CHOICES = ("auto", "torch", "triton")
 class FastPath:
     attention: type  # an attention backend class with PagedAttention's constructor and call
     greedy_choices: Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+    block_ops: object = None  # dilaserve.models.layers.BlockOps, or None for the eager element-wise code
 
 
 def triton_available() -> bool:
@@ -52,8 +55,12 @@ def select_fast_path(device: torch.device, kernels: str = "auto") -> FastPath | 
     from dilaserve.engine.gpu.attention import TritonPagedAttention
     from dilaserve.engine.gpu.logits import greedy_choices
 
+    from dilaserve.models.layers import BlockOps
+    from kernels import fused
+
     logger.info("using the Triton fast path on %s", device)
-    return FastPath(TritonPagedAttention, greedy_choices)
+    ops = BlockOps(fused.rms_norm, fused.add_rms_norm, fused.rotary, fused.silu_mul)
+    return FastPath(TritonPagedAttention, greedy_choices, ops)
 
 
 def _interpreting() -> bool:

@@ -125,8 +125,8 @@ class ReuseGraphs:
     """
 
     def __init__(self, model, cache, attention_cls, scratch_slot: int, pad_token_id: int, *,
-                 max_tokens: int = 2048, max_requests: int = 256, max_graphs: int = 48):
-        self.model, self.cache, self.attention_cls = model, cache, attention_cls
+                 ops=None, max_tokens: int = 2048, max_requests: int = 256, max_graphs: int = 48):
+        self.model, self.cache, self.attention_cls, self.ops = model, cache, attention_cls, ops
         self.scratch_slot, self.pad_token_id = scratch_slot, pad_token_id
         self.max_tokens, self.max_requests, self.max_graphs = max_tokens, max_requests, max_graphs
         self.device = next(model.parameters()).device
@@ -150,7 +150,7 @@ class ReuseGraphs:
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         attn = self.attention_cls(self.cache, inputs.slot_mapping, inputs.query_index, inputs.query_valid,
                                   inputs.key_slots, inputs.key_valid)
-        return self.model(inputs.input_ids, inputs.positions, attn)
+        return self.model(inputs.input_ids, inputs.positions, attn, self.ops)
 
     def _capture(self, target: StepShape):
         R, T, Q, L = target.requests, target.tokens, target.queries, target.keys
