@@ -287,7 +287,8 @@ def end_to_end(model: LLaDAModel, path: str, concurrency: int, args, num_pages: 
     spec = model.spec
     engine, wiring = make_engine(model, path, num_pages)
     steps = args.max_tokens // args.tokens_per_step
-    params = SamplingParams(max_tokens=args.max_tokens, block_size=args.block, steps=steps, cache="dual")
+    cache = "exact" if spec.causal_block_size else "dual"  # block-causal models cache exactly
+    params = SamplingParams(max_tokens=args.max_tokens, block_size=args.block, steps=steps, cache=cache)
     gen = torch.Generator().manual_seed(concurrency)
     prompts = [torch.randint(0, min(spec.mask_token_id, spec.eos_token_id), (args.prompt_len,), generator=gen).tolist()
                for _ in range(concurrency)]

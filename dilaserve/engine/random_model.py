@@ -10,27 +10,41 @@ from __future__ import annotations
 
 import torch
 
-from dilaserve.models.checkpoint import llada_config
+from dilaserve.models.base import DiffusionLM
+from dilaserve.models.checkpoint import llada_config, sdar_config
 from dilaserve.models.llada import LLaDAModel
-from dilaserve.models.spec import llada_spec
+from dilaserve.models.sdar import SDARModel
+from dilaserve.models.spec import llada_spec, sdar_spec
 
 LLADA_8B = dict(d_model=4096, n_layers=32, n_heads=32, mlp_hidden_size=12288, vocab_size=126464,
                 mask_token_id=126336, eos_token_id=126081)
 TINY = dict(d_model=128, n_layers=2, n_heads=4, mlp_hidden_size=256, vocab_size=512,
             mask_token_id=500, eos_token_id=501)
-SHAPES = {"llada-8b": LLADA_8B, "tiny": TINY}
+# Block-diffusion (block-causal) shapes: SDAR-8B-Chat is Qwen3-8B's shape with 4-token blocks.
+SDAR_8B = dict(family="sdar", hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+               head_dim=128, intermediate_size=12288, vocab_size=151936, mask_token_id=151669,
+               eos_token_id=151645, block_size=4)
+SDAR_TINY = dict(family="sdar", hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=32, intermediate_size=256, vocab_size=512, mask_token_id=500, eos_token_id=501,
+                 block_size=4)
+SHAPES = {"llada-8b": LLADA_8B, "tiny": TINY, "sdar-8b": SDAR_8B, "sdar-tiny": SDAR_TINY}
 
 
-def build_model(shape: dict, device: torch.device, seed: int = 0, dtype: torch.dtype | None = None) -> LLaDAModel:
-    """An LLaDA model of ``shape`` on ``device`` with random weights (bf16 on CUDA, float32
-    elsewhere unless ``dtype`` says otherwise)."""
-    spec = llada_spec(llada_config(**shape))
+def build_model(shape: dict, device: torch.device, seed: int = 0, dtype: torch.dtype | None = None) -> DiffusionLM:
+    """A model of ``shape`` (LLaDA unless its ``family`` is "sdar") on ``device`` with random
+    weights (bf16 on CUDA, float32 elsewhere unless ``dtype`` says otherwise)."""
+    shape = dict(shape)
+    family = shape.pop("family", "llada")
+    if family == "sdar":
+        spec, model_cls = sdar_spec(sdar_config(**shape)), SDARModel
+    else:
+        spec, model_cls = llada_spec(llada_config(**shape)), LLaDAModel
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with device:
-            model = LLaDAModel(spec)
+            model = model_cls(spec)
     finally:
         torch.set_default_dtype(previous)
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -38,7 +52,7 @@ def build_model(shape: dict, device: torch.device, seed: int = 0, dtype: torch.d
         for name, p in model.named_parameters():
             if p.dim() == 1:
                 p.fill_(1.0)
-            elif "wte" in name:
+            elif "wte" in name or "embed_tokens" in name:
                 p.normal_(0.0, 1.0, generator=gen)
             else:
                 p.normal_(0.0, p.shape[1] ** -0.5, generator=gen)
