@@ -84,6 +84,9 @@ class EngineCore:
         self.default_threshold = self.config.default_threshold
         self.max_waiting = self.config.max_waiting
         self._recent_steps: deque[StepRecord] = deque(maxlen=64)
+        self._busy_since: float | None = None  # end of the last step, if it left work to do
+        # Actual / predicted seconds to finish of recent requests with deadlines (see prediction_scale).
+        self._prediction_ratios: deque[float] = deque(maxlen=128)
         self.num_finished = 0
 
     # -- intake -------------------------------------------------------------------------
@@ -132,6 +135,8 @@ class EngineCore:
         outputs = []
         for kind, payload in commands:
             if kind == "add":
+                if payload.deadline_s is not None:
+                    payload.predicted_s = self._raw_finish_s(payload)
                 self.scheduler.add(payload)
             else:
                 request = self.scheduler.abort(payload)
@@ -169,15 +174,22 @@ class EngineCore:
                 self.tokens_per_step_estimate.observe(item.request.threshold, len(decision.positions))
         updates = self.scheduler.update(plan, result)
         decided = sum(len(d.positions) for d in result.decisions.values())
+        now = self.clock()
+        # Wall time beyond the runner's own, counted only when the previous step left work
+        # (otherwise the gap is idle time, not overhead).
+        overhead = None if self._busy_since is None else max(0.0, now - self._busy_since - result.elapsed_s)
         self._recent_steps.append(StepRecord(
-            self.clock(), decided, len(plan.items), result.elapsed_s, sum(i.chunk for i in plan.items)
+            now, decided, len(plan.items), result.elapsed_s, sum(i.chunk for i in plan.items), overhead
         ))
         outputs = []
         for request, new_tokens in updates:
             if request.is_finished:
                 self.runner.release(request.request_id)
                 self.num_finished += 1
+                if request.predicted_s and request.finish_reason in ("eos", "length", "stop"):
+                    self._prediction_ratios.append((now - request.arrival_s) / request.predicted_s)
             outputs.append(self._output(request, new_tokens))
+        self._busy_since = self.clock() if self.has_work() else None
         return outputs
 
     def _output(self, request: Request, new_tokens: list[int]) -> RequestOutput:
@@ -212,7 +224,7 @@ class EngineCore:
         t = threshold if threshold is not None else (params.threshold or self.default_threshold)
         work = request_work(prompt_len + params.max_tokens, params.max_tokens, params.block_size,
                             self.tokens_per_step(params, t), params.cache)
-        return work_s(self.cost.cost, work)
+        return work_s(self.prediction_cost(), work) * self.prediction_scale()
 
     def _work(self, request: Request) -> Work:
         return request_work(request.seq_len, request.num_masked_remaining(), request.params.block_size,
@@ -232,15 +244,33 @@ class EngineCore:
         new = request_work(prompt_len + params.max_tokens, params.max_tokens, params.block_size,
                            self.tokens_per_step(params, t), params.cache)
         requests = list(self.scheduler.running) + list(self.scheduler.waiting)
-        return batch_work_s(self.prediction_cost(), [self._work(r) for r in requests] + [new])
+        return batch_work_s(self.prediction_cost(), [self._work(r) for r in requests] + [new]) * self.prediction_scale()
 
     def step_overhead_s(self) -> float:
         """Median wall time between recent steps beyond the runner's own time (planning,
         streaming outputs, the caller's event loop, CPU contention): the cost model fits the
         runner's time only, and on a small model the rest can be most of a step."""
-        steps = list(self._recent_steps)
-        gaps = sorted(b.time - a.time - b.seconds for a, b in zip(steps, steps[1:]))
-        return max(0.0, gaps[len(gaps) // 2]) if gaps else 0.0
+        gaps = sorted(s.overhead_s for s in self._recent_steps if s.overhead_s is not None)
+        return gaps[len(gaps) // 2] if gaps else 0.0
+
+    def _raw_finish_s(self, request: Request) -> float:
+        """Unscaled predicted seconds until ``request`` (not yet scheduled) finishes if added now."""
+        works = [self._work(r) for r in list(self.scheduler.running) + list(self.scheduler.waiting)]
+        return float(batch_finish_s(self.prediction_cost(), works + [self._work(request)])[-1])
+
+    def prediction_scale(self) -> float:
+        """How much the finish predictions of recent requests fell short: the 95th percentile
+        of actual / predicted seconds to finish (at least 1, at most 8; 1 until 16 requests
+        with deadlines have finished).
+
+        The cost model prices steps and the work model counts them, but what a batch actually
+        does also depends on what arrives later, the scheduler's budgets and the host; this
+        closes the loop on the measured error, so admission keeps its promises under overload.
+        """
+        if len(self._prediction_ratios) < 16:
+            return 1.0
+        ratios = sorted(self._prediction_ratios)
+        return min(8.0, max(1.0, ratios[int(0.95 * (len(ratios) - 1))]))
 
     def prediction_cost(self):
         """The step cost that admission predictions use: the fitted one plus the step overhead."""
@@ -266,9 +296,9 @@ class EngineCore:
                            self.tokens_per_step(params, t), params.cache)
         works = [self._work(r) for r in requests]
         time_left = [r.deadline_s - self.clock() for r in requests]
-        cost = self.prediction_cost()
-        before = batch_finish_s(cost, works)
-        after = batch_finish_s(cost, works + [new])[:-1]
+        cost, scale = self.prediction_cost(), self.prediction_scale()
+        before = batch_finish_s(cost, works) * scale
+        after = batch_finish_s(cost, works + [new])[:-1] * scale
         usable = [(1.0 - reserve) * left for left in time_left]
         slacks = [u - a for u, b, a in zip(usable, before, after) if u - b >= 0]
         return min(slacks, default=float("inf"))
@@ -301,3 +331,4 @@ class StepRecord:
     num_requests: int
     seconds: float
     chunk_sum: int
+    overhead_s: float | None = None  # wall time since the previous step beyond the runner's (None: was idle)

@@ -55,6 +55,7 @@ class Request:
     counters: RequestCounters = field(default_factory=RequestCounters)
     finish_reason: str | None = None
     first_token_s: float | None = None
+    predicted_s: float | None = None  # seconds to finish the engine predicted when it took the request
 
     def __post_init__(self) -> None:
         if not self.canvas:

@@ -100,3 +100,55 @@ def test_a_replica_engine_starts_from_its_models_quality_profile(tmp_path):
     bad.write_text('{"block_size": 32, "entries": [{"threshold": 0.9}]}')
     with pytest.raises(ValueError, match="malformed"):
         AsyncEngine(str(EMBEDDED_PROFILE.parent), EngineConfig(num_pages=64, quality_profile=str(bad)))
+
+
+def test_step_overhead_counts_busy_gaps_not_idle_time(llada):
+    """Wall time between steps beyond the runner's own is overhead only while work is queued:
+    a replica idle for seconds between requests must not look seconds slower per step."""
+    from dilaserve.engine.config import EngineConfig
+    from dilaserve.engine.engine import Engine
+    from dilaserve.engine.sampling_params import SamplingParams
+
+    now = [0.0]
+    engine = Engine(llada, EngineConfig(num_pages=64, page_size=8), clock=lambda: now[0])
+    long = SamplingParams(max_tokens=8, block_size=8, steps=4, cache="dual")
+    short = SamplingParams(max_tokens=8, block_size=8, steps=1, cache="dual")  # one step each
+    for rid, params in [("long", long)] + [(f"s{i}", short) for i in range(8)]:
+        engine.add(engine.make_request(rid, [1, 2, 3], params))
+        while engine.has_work():
+            engine.step()
+            now[0] += 0.05  # 50 ms of wall time per step while busy
+        now[0] += 30.0  # then idle: most gaps between steps are idle time here
+    records = list(engine._recent_steps)
+    assert len(records) == 12 and sum(r.overhead_s is not None for r in records) == 3
+    assert 0.03 < engine.step_overhead_s() <= 0.05
+    solo = engine.predict_latency_s(3, long)
+    assert solo == pytest.approx(engine.predict_finish_s(3, long))  # idle: solo and finish agree
+    assert solo >= 4 * engine.step_overhead_s()
+
+
+def test_finish_predictions_learn_from_how_late_requests_really_finished(llada):
+    from dilaserve.engine.config import EngineConfig
+    from dilaserve.engine.engine import Engine
+    from dilaserve.engine.sampling_params import SamplingParams
+
+    now = [0.0]
+    engine = Engine(llada, EngineConfig(num_pages=64, page_size=8), clock=lambda: now[0])
+    params = SamplingParams(max_tokens=8, block_size=8, steps=1, cache="dual")
+    assert engine.prediction_scale() == 1.0
+    for i in range(20):
+        # Each request takes 1 s of wall time in a step the cost model prices at milliseconds
+        # (as when the host is busy with something else): predictions fall short.
+        engine.add(engine.make_request(f"r{i}", [1, 2, 3], params, deadline_s=now[0] + 5.0))
+        now[0] += 1.0
+        engine.step()
+        if i < 15:
+            assert engine.prediction_scale() == 1.0  # too few finished requests to judge yet
+    assert engine.prediction_scale() == 8.0  # capped
+    scaled = engine.predict_finish_s(3, params)
+    learned = list(engine._prediction_ratios)
+    engine._prediction_ratios.clear()
+    assert scaled == pytest.approx(8.0 * engine.predict_finish_s(3, params))
+    engine._prediction_ratios.extend(learned)
+    # Requests without deadlines are never part of it.
+    assert all(r.predicted_s is None for r in [engine.make_request("x", [1], params)])
