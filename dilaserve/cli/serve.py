@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
+
+
+API_KEY_ENV = "DILASERVE_API_KEY"
 
 
 def add_parser(sub) -> None:
@@ -14,6 +18,9 @@ def add_parser(sub) -> None:
     p.add_argument("--model", help="model directory for the default config (ignored with --config)")
     p.add_argument("--host", help="HTTP host (overrides the config; default 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (overrides the config; default 8000)")
+    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                   help=f"require 'Authorization: Bearer <key>' on /v1/* (default: ${API_KEY_ENV}, else the "
+                        "config's http.api_key, else no authentication)")
     p.add_argument("--ray-address", help="Ray cluster to deploy on (default: a running local one, else start one)")
     p.set_defaults(run=run)
 
@@ -26,9 +33,9 @@ def run(args: argparse.Namespace) -> int:
 
         raise InvalidRequestError(f"--port must be in 1..65535, got {args.port}")
     if args.config:
-        config = with_http(load_config(args.config), args.host, args.port)
+        config = with_http(load_config(args.config), args.host, args.port, args.api_key)
     else:
-        config = default_config(args.model, args.host, args.port)
+        config = with_http(default_config(args.model, args.host, args.port), api_key=args.api_key)
 
     import ray
     from ray import serve
@@ -44,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     url, started_ray = run_local(config, args.ray_address)
     models = ", ".join(m.name for m in config.models)
-    print(f"DiLaServe is serving {models} at {url}/v1 (OpenAI-compatible; metrics at {url}/metrics). "
+    auth = "API key required" if config.http.api_key else "no API key required"
+    print(f"DiLaServe is serving {models} at {url}/v1 (OpenAI-compatible; {auth}; metrics at {url}/metrics). "
           "Ctrl-C to stop.", flush=True)
     try:
         stop.wait()

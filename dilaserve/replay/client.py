@@ -160,10 +160,11 @@ class _Sender:
         body = self.body(request, progress.send_s, send_deadline)
         try:
             async with self.client.stream("POST", self.url, json=body) as response:
-                if response.status_code == 429:
-                    await response.aread()
+                if response.status_code == 429:  # refused: keep the server's reason with the record
+                    reason = (await response.aread()).decode(errors="replace")[:300]
                     return self.record(request, progress, Status.REFUSED, http_status=429,
-                                       retry_after_s=_retry_after_s(response.headers.get("retry-after")))
+                                       retry_after_s=_retry_after_s(response.headers.get("retry-after")),
+                                       error=f"HTTP 429: {reason}")
                 if response.status_code >= 400:
                     text = (await response.aread()).decode(errors="replace")[:300]
                     return self.record(request, progress, Status.ERROR, http_status=response.status_code,

@@ -73,13 +73,18 @@ class RoutingConfig:
 class AdmissionConfig:
     enabled: bool = True
     max_waiting: int | None = None  # queued requests per replica before 429 (None: unbounded)
+    # Share of each deadline kept in reserve for prediction error: a request is admitted when
+    # predicted to finish within (1 - headroom) x its time left, and when no admitted request
+    # would then be predicted past (1 - headroom) x its own. Config files default to 0.2.
+    headroom: float = 0.0
 
 
 @dataclass(frozen=True)
 class HttpConfig:
     host: str = "127.0.0.1"
     port: int = 8000
-    max_body_bytes: int = 1 << 20
+    max_body_bytes: int = 1 << 20  # larger request bodies are refused with 413
+    max_prompt_tokens: int | None = None  # longer prompts are refused with 400 (None: the model's limit)
     api_key: str | None = None  # when set, /v1/* needs "Authorization: Bearer <key>"
     ingress_num_cpus: float = 0.5
 
@@ -162,12 +167,14 @@ class RoutingSection(_Section):
 class AdmissionSection(_Section):
     enabled: bool = True
     max_waiting: int | None = Field(None, ge=0)
+    headroom: float = Field(0.2, ge=0, lt=1)
 
 
 class HttpSection(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     max_body_bytes: int = Field(1 << 20, ge=1024)
+    max_prompt_tokens: int | None = Field(None, ge=1)
     api_key: str | None = Field(None, min_length=1)
     ingress_num_cpus: float = Field(0.5, ge=0)
 
@@ -278,7 +285,11 @@ def default_config(model_path: str | None = None, host: str | None = None, port:
     }, "default config")
 
 
-def with_http(config: ServeConfig, host: str | None = None, port: int | None = None) -> ServeConfig:
-    """The config with its HTTP host / port overridden (command-line flags win over the file)."""
-    changes = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+def with_http(config: ServeConfig, host: str | None = None, port: int | None = None,
+              api_key: str | None = None) -> ServeConfig:
+    """The config with its HTTP host / port / API key overridden (command-line flags and the
+    environment win over the file)."""
+    if api_key is not None and not api_key:
+        raise ConfigError("the API key must not be empty")
+    changes = {k: v for k, v in (("host", host), ("port", port), ("api_key", api_key)) if v is not None}
     return dataclasses.replace(config, http=dataclasses.replace(config.http, **changes)) if changes else config

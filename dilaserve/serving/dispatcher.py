@@ -49,6 +49,7 @@ class Dispatched:
     accepted: Chunk
     stream: Any  # DeploymentResponseGenerator of Chunk
     estimate: Estimate
+    num_prompt_tokens: int = 0
 
     def __aiter__(self) -> AsyncIterator[Chunk]:
         return self.stream.__aiter__()
@@ -65,6 +66,11 @@ class Dispatcher:
 
     def __post_init__(self) -> None:
         self.router = make_router(self.routing.policy, self.routing.seed)
+        # Replicas that failed a call (died, or gave no estimate in time): skipped until a
+        # background probe gets an answer from them again (Serve restarts a dead replica
+        # behind the same handle), so requests do not each wait for the estimate timeout.
+        self.failed: set[str] = set()
+        self._probes: dict[str, asyncio.Task] = {}
         self.slo_defaults = SLODefaults(
             self.slo.slo_scale,
             None if self.slo.ttft_ms is None else self.slo.ttft_ms / 1e3,
@@ -75,31 +81,67 @@ class Dispatcher:
     def replicas_of(self, model: str) -> list[ReplicaRef]:
         return [r for r in self.replicas if r.model == model]
 
-    def routable(self, model: str) -> list[ReplicaRef]:
-        return [r for r in self.replicas_of(model) if r.name not in self.draining]
+    def routable(self, model: str, exclude: frozenset[str] = frozenset()) -> list[ReplicaRef]:
+        """Replicas that may get new requests: not draining, not excluded, and not failed
+        (unless every one has failed: then they are tried, and time out, again)."""
+        live = [r for r in self.replicas_of(model) if r.name not in self.draining and r.name not in exclude]
+        healthy = [r for r in live if r.name not in self.failed]
+        return healthy or live
 
-    async def estimates(self, model: str, prompt_len: int, params: SamplingParams) -> list[Estimate]:
-        refs = self.routable(model)
+    async def estimates(self, model: str, prompt_len: int, params: SamplingParams,
+                        exclude: frozenset[str] = frozenset()) -> list[Estimate]:
+        refs = self.routable(model, exclude)
         timeout = self.routing.estimate_timeout_ms / 1e3
+        reserve = (self.admission.headroom,) if self.admission.headroom > 0 else ()
         results = await asyncio.gather(
-            *(asyncio.wait_for(r.handle.estimate.remote(prompt_len, params), timeout) for r in refs),
+            *(asyncio.wait_for(r.handle.estimate.remote(prompt_len, params, *reserve), timeout) for r in refs),
             return_exceptions=True,
         )
         ok = []
         for ref, result in zip(refs, results):
+            if isinstance(result, asyncio.CancelledError):
+                raise result
             if isinstance(result, BaseException):
                 logger.warning("replica %s gave no estimate: %r", ref.name, result)
+                self.mark_failed(ref.name)
             else:
                 ok.append(result)
         return ok
 
+    def mark_failed(self, name: str) -> None:
+        """Stops routing to ``name`` until it answers a probe again."""
+        self.failed.add(name)
+        if name in self._probes:
+            return
+        ref = next((r for r in self.replicas if r.name == name), None)
+        if ref is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._probe(ref))
+        self._probes[name] = task
+        task.add_done_callback(lambda _: self._probes.pop(name, None))
+
+    async def _probe(self, ref: ReplicaRef, interval_s: float = 0.5, timeout_s: float = 10.0) -> None:
+        while ref.name in self.failed and any(r.name == ref.name for r in self.replicas):
+            try:
+                await asyncio.wait_for(ref.handle.stats.remote(), timeout_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.info("replica %s is still failing: %r", ref.name, exc)
+                await asyncio.sleep(interval_s)
+            else:
+                self.failed.discard(ref.name)
+                logger.warning("replica %s answers again; routing to it", ref.name)
+
     async def dispatch(
         self, request_id: str, model: str, prompt_ids: list[int], params: SamplingParams, targets: SLOTargets,
-        *, is_best_effort: bool, arrival_s: float, arrival_unix_s: float,
+        *, is_best_effort: bool, arrival_s: float, arrival_unix_s: float, exclude: frozenset[str] = frozenset(),
+        is_streamed: bool = True,
     ) -> Dispatched:
         """Admits (or refuses with ApiError 429) and routes one request; returns its stream
-        once the replica has accepted it."""
-        estimates = await self.estimates(model, len(prompt_ids), params)
+        once the replica has accepted it. A replica that fails to accept it is marked failed
+        and the next candidate is tried; ``exclude`` names replicas not to use (a retry's)."""
+        estimates = await self.estimates(model, len(prompt_ids), params, exclude)
         # A replica may have started draining while the estimates were on their way; from here
         # to counting the request in flight nothing awaits, so a drained replica stays drained.
         estimates = [e for e in estimates if e.replica not in self.draining]
@@ -117,33 +159,58 @@ class Dispatcher:
             if not estimates:
                 raise ApiError(429, "every replica's waiting queue is full; retry later or set best_effort",
                                type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+        if self.admission.enabled and not is_best_effort:
+            # Admitted requests that are on time must stay on time: a newcomer that would make
+            # one of them late is refused even when it would itself finish in time.
+            unsqueezed = [e for e in estimates if e.min_slack_s >= 0]
+            if not unsqueezed:
+                raise ApiError(429, "request refused: every replica is full (admitting it would make requests "
+                               "already admitted miss their deadlines); retry later, relax the deadline, lower "
+                               "quality_floor, or set best_effort", type="rate_limit_error",
+                               code="deadline_unattainable", headers={"Retry-After": "1"})
+            estimates = unsqueezed
         at_floor = [Prediction(e.finish_at_floor_s + overhead_s, e.solo_at_floor_s + overhead_s) for e in estimates]
-        decision = decide(remaining_s, at_floor, is_enabled=self.admission.enabled, is_best_effort=is_best_effort)
+        usable_s = remaining_s * (1.0 - self.admission.headroom)
+        decision = decide(usable_s, at_floor, is_enabled=self.admission.enabled, is_best_effort=is_best_effort)
         if not decision.is_admitted:
             raise ApiError(429, f"request refused: {decision.reason}; retry later, relax the deadline, lower "
                            "quality_floor, or set best_effort", type="rate_limit_error", code="deadline_unattainable",
                            headers={"Retry-After": str(decision.retry_after_s)})
         by_name = {e.replica: e for e in estimates}
-        loads = [ReplicaLoad(e.replica, e.finish_s, self.in_flight.get(e.replica, 0)) for e in estimates]
-        choice = self.router.choose(loads, remaining_s)
-        ref = next(r for r in self.replicas if r.name == choice.name)
-        stream = ref.handle.options(stream=True).generate.remote(
-            GenerateRequest(request_id, prompt_ids, params, arrival_unix_s + deadline.budget_s)
-        )
-        self.in_flight[ref.name] = self.in_flight.get(ref.name, 0) + 1
-        try:
-            accepted: Chunk = await stream.__anext__()
-        except BaseException:
-            self.release(ref.name)
-            stream.cancel()
-            raise
+        candidates = list(estimates)
+        while True:
+            loads = [ReplicaLoad(e.replica, e.finish_s, self.in_flight.get(e.replica, 0)) for e in candidates]
+            choice = self.router.choose(loads, remaining_s)
+            ref = next(r for r in self.replicas if r.name == choice.name)
+            stream = ref.handle.options(stream=True).generate.remote(
+                GenerateRequest(request_id, prompt_ids, params, arrival_unix_s + deadline.budget_s, is_streamed)
+            )
+            self.in_flight[ref.name] = self.in_flight.get(ref.name, 0) + 1
+            try:
+                accepted: Chunk = await stream.__anext__()
+            except Exception as exc:  # the replica died or is unreachable: try the next one
+                self.release(ref.name)
+                stream.cancel()
+                logger.warning("replica %s failed to accept %s: %r", ref.name, request_id, exc)
+                self.mark_failed(ref.name)
+                candidates = [e for e in candidates if e.replica != ref.name]
+                if not candidates:
+                    raise ApiError(503, f"the replicas of model {model!r} failed to accept the request: {exc!r}",
+                                   type="service_unavailable", code="replica_failed",
+                                   headers={"Retry-After": "1"}) from None
+                continue
+            except BaseException:
+                self.release(ref.name)
+                stream.cancel()
+                raise
+            break
         if accepted.error is not None:
             self.release(ref.name)
             status = accepted.error_status or 500
             kind = {400: "invalid_request_error", 429: "rate_limit_error"}.get(status, "server_error")
             raise ApiError(status, accepted.error, type=kind, code="queue_full" if status == 429 else None,
                            headers={"Retry-After": "1"} if status in (429, 503) else None)
-        return Dispatched(ref.name, deadline, accepted, stream, by_name[ref.name])
+        return Dispatched(ref.name, deadline, accepted, stream, by_name[ref.name], len(prompt_ids))
 
     def release(self, replica: str) -> None:
         self.in_flight[replica] = max(0, self.in_flight.get(replica, 0) - 1)
@@ -189,6 +256,7 @@ class Dispatcher:
             raise ValueError(f"replica {name!r} still has {self.in_flight[name]} requests in flight")
         self.replicas = [r for r in self.replicas if r.name != name]
         self.draining.discard(name)
+        self.failed.discard(name)
         self.in_flight.pop(name, None)
 
     def replica_table(self) -> list[dict[str, Any]]:

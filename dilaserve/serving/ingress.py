@@ -3,7 +3,11 @@
 GET /v1/models, POST /v1/completions, POST /v1/chat/completions (``stream: true`` answers with
 server-sent events), GET /health, GET /metrics, and two operator endpoints:
 GET /v1/dilaserve/replicas (load of every replica) and POST /v1/dilaserve/policy (change the
-default threshold / waiting limit of live replicas). Every error is an OpenAI-style body.
+default threshold / waiting limit of live replicas). Every error is an OpenAI-style body. The
+OpenAPI description (request bodies included) is at GET /openapi.json.
+
+A replica that dies under a request: a non-streamed request (or a stream that has sent no token
+yet) is sent again to another replica; a stream that has sent tokens ends with an error event.
 Admission and routing live in ``Dispatcher`` (see there why routing is done here).
 The controller calls four methods through a Serve handle (not HTTP): ``load_report`` (offered
 load, SLO outcomes, lengths, the replica set) and ``add_replica`` / ``drain_replica`` /
@@ -38,10 +42,11 @@ from dilaserve.serving.progress import ResponseProgress
 
 logger = logging.getLogger(__name__)
 
-app = FastAPI(title="DiLaServe", docs_url=None, redoc_url=None, openapi_url=None)
+app = FastAPI(title="DiLaServe", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
 _COUNTED_PATHS = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"}
 _metrics = None  # IngressMetrics, created inside the Serve replica process
 REPLICA_START_TIMEOUT_S = 900.0  # a large model may take minutes to load
+MAX_ATTEMPTS = 3  # replicas a request is sent to, when the ones before failed under it
 
 
 def _error_response(exc: ApiError) -> JSONResponse:
@@ -177,16 +182,28 @@ class OpenAIIngress:
             raise ApiError(404, f"model {req.model!r} does not exist; available: {sorted(self.models)}",
                            param="model", code="model_not_found")
         prompt_ids = await asyncio.to_thread(_prompt_ids, served, req)
+        limit = self.config.http.max_prompt_tokens
+        if limit is not None and len(prompt_ids) > limit:
+            raise invalid(f"the prompt has {len(prompt_ids)} tokens; this server accepts at most {limit}", "prompt")
         max_tokens = resolve_max_tokens(req.requested_max_tokens(), self.config.defaults.max_tokens,
                                         len(prompt_ids), served.spec.max_positions)
         params = to_sampling_params(req, self.config.defaults, max_tokens=max_tokens,
                                     default_floor=self.config.slo.quality_floor, stop_token_ids=served.stop_token_ids)
         request_id = f"{'chatcmpl' if is_chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.load.arrive()
+        targets = slo_targets(req)
+
+        async def redispatch(exclude: frozenset[str]) -> Dispatched:
+            """The same request on another replica, once admitted (so best effort now)."""
+            return await self.dispatcher.dispatch(
+                request_id, served.name, prompt_ids, params, targets, is_best_effort=True,
+                arrival_s=arrival_s, arrival_unix_s=arrival_unix_s, exclude=exclude, is_streamed=req.stream,
+            )
+
         try:
             dispatched = await self.dispatcher.dispatch(
-                request_id, served.name, prompt_ids, params, slo_targets(req), is_best_effort=req.best_effort,
-                arrival_s=arrival_s, arrival_unix_s=arrival_unix_s,
+                request_id, served.name, prompt_ids, params, targets, is_best_effort=req.best_effort,
+                arrival_s=arrival_s, arrival_unix_s=arrival_unix_s, is_streamed=req.stream,
             )
         except ApiError as exc:
             if exc.status == 429:
@@ -196,54 +213,105 @@ class OpenAIIngress:
         decision = "best_effort" if req.best_effort else "admitted"
         self.metrics.admission.inc(tags={"model": served.name, "decision": decision})
         ctx = ResponseContext(request_id, served.name, is_chat)
-        progress = ResponseProgress(arrival_s, dispatched.replica, dispatched.deadline, len(prompt_ids),
-                                    threshold=dispatched.accepted.threshold)
         if req.stream:
-            return StreamingResponse(self._stream(ctx, dispatched, progress, req.include_usage_chunk),
+            return StreamingResponse(self._stream(ctx, dispatched, redispatch, arrival_s, req.include_usage_chunk),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return await self._collect(ctx, dispatched, progress)
+        return await self._collect(ctx, dispatched, redispatch, arrival_s)
 
-    async def _collect(self, ctx: ResponseContext, d: Dispatched, progress: ResponseProgress) -> Response:
-        try:
-            async for chunk in d:
-                progress.observe(chunk)
-                if chunk.finished:
-                    break
-        finally:
+    def _progress(self, d: Dispatched, arrival_s: float) -> ResponseProgress:
+        return ResponseProgress(arrival_s, d.replica, d.deadline, d.num_prompt_tokens, threshold=d.accepted.threshold)
+
+    async def _failover(self, ctx: ResponseContext, d: Dispatched, exc: Exception, redispatch,
+                        failed: set[str]) -> Dispatched:
+        """After replica ``d.replica`` failed under a request: the request on another replica,
+        or ApiError 503 when no attempt is left or no replica takes it."""
+        logger.warning("replica %s failed under %s: %r", d.replica, ctx.request_id, exc)
+        self.dispatcher.mark_failed(d.replica)
+        failed.add(d.replica)
+        if len(failed) >= MAX_ATTEMPTS:
+            raise ApiError(503, f"generation failed on replicas {sorted(failed)}: {exc!r}", type="service_unavailable",
+                           code="replica_failed", headers={"Retry-After": "1"})
+        self.metrics.admission.inc(tags={"model": ctx.model, "decision": "retried"})
+        return await redispatch(frozenset(failed))
+
+    async def _collect(self, ctx: ResponseContext, d: Dispatched, redispatch, arrival_s: float) -> Response:
+        failed: set[str] = set()
+        while True:
+            progress = self._progress(d, arrival_s)
+            try:
+                async for chunk in d:
+                    progress.observe(chunk)
+                    if chunk.finished:
+                        break
+            except Exception as exc:  # the replica died under the request: try another one
+                self._settle(ctx, d, progress)
+                d = await self._failover(ctx, d, exc, redispatch, failed)
+                continue
+            except BaseException:
+                self._settle(ctx, d, progress)
+                raise
             self._settle(ctx, d, progress)
+            break
         last = progress.last
         if last is None or last.error is not None:
             raise ApiError(500, f"generation failed on replica {d.replica}: "
                            f"{last.error if last else 'the stream ended early'}", type="server_error")
         return JSONResponse(ctx.full(progress.text, last.finish_reason, progress.usage(), progress.summary()))
 
-    async def _stream(self, ctx: ResponseContext, d: Dispatched, progress: ResponseProgress,
+    async def _stream(self, ctx: ResponseContext, d: Dispatched, redispatch, arrival_s: float,
                       include_usage: bool) -> AsyncIterator[bytes]:
+        failed: set[str] = set()
+        progress = self._progress(d, arrival_s)
         try:
             if ctx.is_chat:
                 yield sse(ctx.chunk("", is_first=True))
-            async for chunk in d:
-                progress.observe(chunk)
-                if chunk.error is not None:
-                    yield sse(ApiError(chunk.error_status or 500, chunk.error, type="server_error").body())
-                    break
-                if chunk.text or chunk.token_ids or chunk.finished:
-                    # Every chunk's token_ids are its own; the last adds the response summary.
-                    extra = {**(progress.summary() if chunk.finished else {}), "token_ids": chunk.token_ids}
-                    yield sse(ctx.chunk(chunk.text, chunk.finish_reason, extra=extra))
-                if chunk.finished:
-                    break
+            while True:
+                try:
+                    async for chunk in d:
+                        progress.observe(chunk)
+                        if chunk.error is not None:
+                            yield sse(ApiError(chunk.error_status or 500, chunk.error, type="server_error").body())
+                            break
+                        if chunk.text or chunk.token_ids or chunk.finished:
+                            # Every chunk's token_ids are its own; the last adds the response summary.
+                            extra = {**(progress.summary() if chunk.finished else {}), "token_ids": chunk.token_ids}
+                            yield sse(ctx.chunk(chunk.text, chunk.finish_reason, extra=extra))
+                        if chunk.finished:
+                            break
+                except Exception as exc:
+                    if progress.token_ids or progress.text:  # the client has part of the text: say so
+                        self._settle(ctx, d, progress)
+                        self.dispatcher.mark_failed(d.replica)
+                        logger.warning("replica %s failed mid-stream under %s: %r", d.replica, ctx.request_id, exc)
+                        yield sse(ApiError(503, f"replica {d.replica} failed after {len(progress.token_ids)} tokens "
+                                           f"of this stream were sent ({exc!r}); the response is incomplete: "
+                                           "send the request again", type="service_unavailable",
+                                           code="replica_failed").body())
+                        yield SSE_DONE
+                        return
+                    self._settle(ctx, d, progress)
+                    try:
+                        d = await self._failover(ctx, d, exc, redispatch, failed)
+                    except ApiError as error:
+                        yield sse(error.body())
+                        yield SSE_DONE
+                        return
+                    progress = self._progress(d, arrival_s)
+                    continue
+                break
             if not progress.is_finished:
                 yield sse(ApiError(500, f"the stream from replica {d.replica} ended early", type="server_error").body())
             elif include_usage:
                 yield sse(ctx.usage_chunk(progress.usage()))
             yield SSE_DONE
         finally:
-            self._settle(ctx, d, progress)
+            if not progress.is_settled:
+                self._settle(ctx, d, progress)
 
     def _settle(self, ctx: ResponseContext, d: Dispatched, progress: ResponseProgress) -> None:
-        """End of a response, however it ended: free the replica slot, abort what is still
-        running there (the client left), record metrics of what finished."""
+        """End of a response (or of one attempt), however it ended: free the replica slot, abort
+        what is still running there (the client left), record metrics of what finished."""
+        progress.is_settled = True
         self.dispatcher.release(d.replica)
         if not progress.is_finished:
             d.stream.cancel()
@@ -366,6 +434,49 @@ def _prompt_ids(served: ServedModel, req: CompletionRequest | ChatCompletionRequ
         raise invalid("the prompt is empty", "prompt")
     return ids
 
+
+_BODIES = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
+           "/v1/dilaserve/policy": PolicyUpdate}
+_ERRORS = {"400": "invalid request (the message names the field)", "401": "missing or wrong API key",
+           "404": "unknown model", "413": "request body too large",
+           "429": "refused: the deadline cannot be met now (see Retry-After)", "503": "no replica available"}
+
+
+def _openapi() -> dict[str, Any]:
+    """FastAPI's description of the routes, plus the request bodies (the endpoints read and
+    validate their bodies themselves, so FastAPI cannot see them) and the error answers."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version="1", routes=app.routes,
+                             description="OpenAI-compatible API of DiLaServe; errors are OpenAI-style bodies.")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        error = {"description": "", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+        components["Error"] = {"type": "object", "required": ["error"], "properties": {"error": {
+            "type": "object", "required": ["message", "type"],
+            "properties": {"message": {"type": "string", "minLength": 1}, "type": {"type": "string"},
+                           "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+        for path, model in _BODIES.items():
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            components[model.__name__] = body
+            operation = schema["paths"][path]["post"]
+            operation["requestBody"] = {"required": True, "content": {"application/json": {
+                "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+            operation.pop("parameters", None)
+            operation["responses"] = {"200": {"description": "the answer (a JSON body, or server-sent events "
+                                                             "when stream is true)"},
+                                      **{code: {**error, "description": why} for code, why in _ERRORS.items()}}
+        for item in schema["paths"].values():
+            for operation in item.values():  # the handlers' ``request`` argument is no query parameter
+                operation["parameters"] = [p for p in operation.get("parameters", []) if p.get("name") not in ("request", "self")]
+                if not operation["parameters"]:
+                    operation.pop("parameters")
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+app.openapi = _openapi
 
 # The deployment wraps the class rather than decorating it, so that the class stays importable
 # by name and Ray pickles it by reference (a decorated class is pickled by value, without the

@@ -17,6 +17,8 @@ class GenerateRequest:
     # Absolute wall-clock deadline (time.time() seconds): it crosses processes and nodes,
     # where monotonic clocks differ. None: no deadline.
     deadline_unix_s: float | None = None
+    # False: the client waits for the whole answer, so the replica sends it in one last chunk.
+    is_streamed: bool = True
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,9 @@ class Estimate:
     threshold: float | None  # the threshold it would run at (None: fixed-steps schedule)
     num_waiting: int
     num_running: int
+    # The least slack any request admitted there (and on time) would keep if this one were
+    # added (at the quality floor); inf: none would be squeezed. Admission needs it >= 0.
+    min_slack_s: float = float("inf")
 
 
 @dataclass
@@ -51,5 +56,6 @@ class Chunk:
     threshold: float | None = None
     num_steps: int = 0
     num_tokens_decided: int = 0
+    chunk_size: float | None = None  # mean masked positions queried per step
     error: str | None = None
     error_status: int | None = None  # HTTP status the error maps to (400 bad input, 429 full)

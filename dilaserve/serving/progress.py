@@ -24,6 +24,7 @@ class ResponseProgress:
     first_token_s: float | None = None
     last: Chunk | None = None  # the final chunk, once seen
     end_s: float | None = None
+    is_settled: bool = False  # the ingress has released the replica slot and recorded the outcome
 
     def observe(self, chunk: Chunk) -> None:
         now = time.monotonic()
@@ -81,5 +82,6 @@ class ResponseProgress:
             "deadline_ms": ms(self.deadline.budget_s), "deadline_source": self.deadline.source,
             "slo_met": self.is_slo_met, "ttft_ms": ms(self.ttft_s), "tpot_ms": ms(self.tpot_s),
             "e2e_ms": ms(self.e2e_s), "num_steps": last.num_steps, "num_tokens_decided": last.num_tokens_decided,
+            "chunk_size": None if last.chunk_size is None else round(last.chunk_size, 2),
             "token_ids": list(self.token_ids),
         }

@@ -89,21 +89,28 @@ class ReplicaServer:
         yield Chunk(is_accepted=True, threshold=params.threshold, num_prompt_tokens=len(request.prompt_ids))
         detok = IncrementalDetokenizer(self.tokenizer, params.stop)
         is_done = False
+        # A request that is not streamed to its client gets its text in the last chunk only:
+        # one message instead of one per step (under load those messages cost more CPU than
+        # a small model's steps).
+        held_text, held_ids = "", []
         try:
             async for out in stream:
                 update = detok.push(out.new_token_ids)
                 if update.is_stopped:
                     is_done = True
                     await self.engine.abort(rid)
-                    yield self._last_chunk(out, update.text, "stop", params)
+                    yield self._last_chunk(out, held_text + update.text, "stop", params, held_ids)
                     return
                 if out.finished:
                     is_done = True
                     tail = detok.finish()
                     reason = "stop" if tail.is_stopped else FINISH_REASONS.get(out.finish_reason, out.finish_reason)
-                    yield self._last_chunk(out, update.text + tail.text, reason, params)
+                    yield self._last_chunk(out, held_text + update.text + tail.text, reason, params, held_ids)
                     return
-                if update.text or out.new_token_ids:
+                if not request.is_streamed:
+                    held_text += update.text
+                    held_ids += out.new_token_ids
+                elif update.text or out.new_token_ids:
                     yield Chunk(text=update.text, token_ids=list(out.new_token_ids),
                                 num_completion_tokens=len(out.token_ids))
         except RuntimeError as exc:  # the engine failed mid-request
@@ -116,13 +123,15 @@ class ReplicaServer:
             if close is not None:
                 await close()
 
-    def _last_chunk(self, out: RequestOutput, text: str, reason: str | None, params: SamplingParams) -> Chunk:
+    def _last_chunk(self, out: RequestOutput, text: str, reason: str | None, params: SamplingParams,
+                    held_ids: list[int] = ()) -> Chunk:
         return Chunk(
-            text=text, token_ids=list(out.new_token_ids), finished=True, finish_reason=reason,
+            text=text, token_ids=[*held_ids, *out.new_token_ids], finished=True, finish_reason=reason,
             num_prompt_tokens=out.num_prompt_tokens, num_completion_tokens=len(out.token_ids),
             threshold=out.threshold if out.threshold is not None else params.threshold,
             num_steps=out.counters.num_steps,
             num_tokens_decided=out.counters.num_tokens_decided,
+            chunk_size=out.counters.mean_chunk_size,
             error=out.error, error_status=500 if reason == "error" else None,
         )
 
@@ -130,7 +139,9 @@ class ReplicaServer:
         await self.engine.abort(request_id)
 
     # -- predictions, load and policy ----------------------------------------------------------
-    async def estimate(self, prompt_len: int, params: SamplingParams) -> Estimate:
+    async def estimate(self, prompt_len: int, params: SamplingParams, reserve: float = 0.0) -> Estimate:
+        """Predictions for a prospective request; ``reserve``: the share of every admitted
+        request's remaining time kept for prediction error (see ``min_slack_s``)."""
         params = self.resolve(params)
         threshold, floor = params.threshold, params.threshold_floor
         solo = self.engine.predict_latency_s(prompt_len, params, threshold)
@@ -139,11 +150,14 @@ class ReplicaServer:
         if floor is not None and threshold is not None and floor < threshold:
             finish_floor = self.engine.predict_finish_s(prompt_len, params, floor)
             solo_floor = self.engine.predict_latency_s(prompt_len, params, floor)
+        at = floor if floor is not None and threshold is not None and floor < threshold else threshold
+        predict_slack = getattr(self.engine, "predict_min_slack_s", None)
+        min_slack = predict_slack(prompt_len, params, at, reserve) if predict_slack else float("inf")
         stats = self.engine.stats()
         return Estimate(
             replica=self.name, solo_s=solo, finish_s=finish, finish_at_floor_s=finish_floor,
             solo_at_floor_s=solo_floor, threshold=threshold, num_waiting=stats.num_waiting,
-            num_running=stats.num_running,
+            num_running=stats.num_running, min_slack_s=min_slack,
         )
 
     async def stats(self) -> dict[str, Any]:

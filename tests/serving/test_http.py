@@ -97,6 +97,7 @@ def test_completion_with_usage(client):
     extra = body["dilaserve"]
     assert extra["replica"] in ("cpu-0", "cpu-1") and extra["threshold"] == 0.9
     assert extra["deadline_source"] == "slo_scale" and extra["num_steps"] >= 1
+    assert 1 <= extra["chunk_size"] <= 32  # the mean chunk, within the default block
 
 
 def test_chat_completion_uses_the_chat_template(client):
