@@ -60,6 +60,9 @@ def check_cache_for_model(spec: ModelSpec, params: SamplingParams) -> None:
         )
 
 
+PREDICTION_WINDOW_S = 60.0  # how long a finished request's prediction error counts (prediction_scale)
+
+
 class EngineCore:
     def __init__(self, spec: ModelSpec, config: EngineConfig, runner: Runner, num_pages: int,
                  clock=time.monotonic, cost_prior=None, memory: StepMemoryModel | None = None):
@@ -86,7 +89,7 @@ class EngineCore:
         self._recent_steps: deque[StepRecord] = deque(maxlen=64)
         self._busy_since: float | None = None  # end of the last step, if it left work to do
         # Actual / predicted seconds to finish of recent requests with deadlines (see prediction_scale).
-        self._prediction_ratios: deque[float] = deque(maxlen=128)
+        self._prediction_ratios: deque[tuple[float, float]] = deque(maxlen=128)  # (finish time, ratio)
         self.num_finished = 0
 
     # -- intake -------------------------------------------------------------------------
@@ -135,7 +138,9 @@ class EngineCore:
         outputs = []
         for kind, payload in commands:
             if kind == "add":
-                if payload.deadline_s is not None:
+                if payload.deadline_s is not None and self.cost.num_observed >= 32:
+                    # Judged only once the step-cost fit has data: before that the prior prices
+                    # steps, and its error says nothing about the fitted model's.
                     payload.predicted_s = self._raw_finish_s(payload)
                 self.scheduler.add(payload)
             else:
@@ -187,7 +192,7 @@ class EngineCore:
                 self.runner.release(request.request_id)
                 self.num_finished += 1
                 if request.predicted_s and request.finish_reason in ("eos", "length", "stop"):
-                    self._prediction_ratios.append((now - request.arrival_s) / request.predicted_s)
+                    self._prediction_ratios.append((now, (now - request.arrival_s) / request.predicted_s))
             outputs.append(self._output(request, new_tokens))
         self._busy_since = self.clock() if self.has_work() else None
         return outputs
@@ -260,16 +265,19 @@ class EngineCore:
 
     def prediction_scale(self) -> float:
         """How much the finish predictions of recent requests fell short: the 95th percentile
-        of actual / predicted seconds to finish (at least 1, at most 8; 1 until 16 requests
-        with deadlines have finished).
+        of actual / predicted seconds to finish over requests with deadlines that finished in
+        the last ``PREDICTION_WINDOW_S`` seconds (at least 1, at most 8; 1 with fewer than 16).
 
         The cost model prices steps and the work model counts them, but what a batch actually
         does also depends on what arrives later, the scheduler's budgets and the host; this
         closes the loop on the measured error, so admission keeps its promises under overload.
+        The window makes it forget: a scale that makes admission refuse everything would
+        otherwise never see another request finish, and never come down.
         """
-        if len(self._prediction_ratios) < 16:
+        horizon = self.clock() - PREDICTION_WINDOW_S
+        ratios = sorted(r for t, r in self._prediction_ratios if t >= horizon)
+        if len(ratios) < 16:
             return 1.0
-        ratios = sorted(self._prediction_ratios)
         return min(8.0, max(1.0, ratios[int(0.95 * (len(ratios) - 1))]))
 
     def prediction_cost(self):

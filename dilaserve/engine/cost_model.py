@@ -99,8 +99,14 @@ class OnlineCostModel:
         self._obs: deque[tuple[int, int, float]] = deque(maxlen=window)
         self._refit_every = refit_every
         self._since_fit = 0
+        self._num_observed = 0
+
+    @property
+    def num_observed(self) -> int:
+        return self._num_observed
 
     def observe(self, tokens: int, context_tokens: int, seconds: float) -> None:
+        self._num_observed += 1
         self._obs.append((tokens, context_tokens, seconds))
         self._since_fit += 1
         if self._since_fit >= self._refit_every and len(self._obs) >= 8:

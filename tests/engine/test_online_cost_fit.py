@@ -129,19 +129,26 @@ def test_step_overhead_counts_busy_gaps_not_idle_time(llada):
 
 def test_finish_predictions_learn_from_how_late_requests_really_finished(llada):
     from dilaserve.engine.config import EngineConfig
+    from dilaserve.engine.core import PREDICTION_WINDOW_S
     from dilaserve.engine.engine import Engine
     from dilaserve.engine.sampling_params import SamplingParams
 
     now = [0.0]
     engine = Engine(llada, EngineConfig(num_pages=64, page_size=8), clock=lambda: now[0])
     params = SamplingParams(max_tokens=8, block_size=8, steps=1, cache="dual")
-    assert engine.prediction_scale() == 1.0
-    for i in range(20):
+
+    def serve(rid, deadline):
+        engine.add(engine.make_request(rid, [1, 2, 3], params, deadline_s=deadline))
         # Each request takes 1 s of wall time in a step the cost model prices at milliseconds
         # (as when the host is busy with something else): predictions fall short.
-        engine.add(engine.make_request(f"r{i}", [1, 2, 3], params, deadline_s=now[0] + 5.0))
         now[0] += 1.0
         engine.step()
+
+    for i in range(32):  # before the step-cost fit has data, nothing is judged
+        serve(f"warm{i}", now[0] + 5.0)
+    assert engine.prediction_scale() == 1.0 and not engine._prediction_ratios
+    for i in range(20):
+        serve(f"r{i}", now[0] + 5.0)
         if i < 15:
             assert engine.prediction_scale() == 1.0  # too few finished requests to judge yet
     assert engine.prediction_scale() == 8.0  # capped
@@ -150,5 +157,9 @@ def test_finish_predictions_learn_from_how_late_requests_really_finished(llada):
     engine._prediction_ratios.clear()
     assert scaled == pytest.approx(8.0 * engine.predict_finish_s(3, params))
     engine._prediction_ratios.extend(learned)
-    # Requests without deadlines are never part of it.
-    assert all(r.predicted_s is None for r in [engine.make_request("x", [1], params)])
+    # It forgets: with nothing finishing (say admission refused everything at that scale), the
+    # scale comes back down instead of starving the replica for good.
+    now[0] += PREDICTION_WINDOW_S + 1
+    assert engine.prediction_scale() == 1.0
+    # Requests without deadlines are never judged.
+    assert engine.make_request("x", [1], params).predicted_s is None
