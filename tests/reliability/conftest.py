@@ -11,7 +11,6 @@ is already up (another suite's), it joins it and leaves it running; otherwise it
 from __future__ import annotations
 
 import dataclasses
-import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serving"))
-from serving_helpers import HAS_ENGINE, NO_ENGINE_REASON, serving_config  # noqa: E402
+from serving_helpers import HAS_ENGINE, NO_ENGINE_REASON, free_port, serving_config  # noqa: E402
 
 from dilaserve.serving.config import ServeConfig  # noqa: E402
 
@@ -45,12 +44,6 @@ class Deployment:
     model_dir: str
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="package")
 def cluster():
     if not HAS_ENGINE:
@@ -60,7 +53,7 @@ def cluster():
 
     owns_ray = not ray.is_initialized()
     if owns_ray:
-        port = _free_port()
+        port = free_port()
         # No per-request access logs, none forwarded to the driver: on 2 cores they cost what
         # the load tests measure.
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)

@@ -5,13 +5,12 @@ Real Ray, real Serve, real HTTP on 127.0.0.1, the real engine on a tiny random L
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 
 import pytest
 
 from dilaserve.serving.config import ServeConfig
-from serving_helpers import HAS_ENGINE, NO_ENGINE_REASON, serving_config
+from serving_helpers import HAS_ENGINE, NO_ENGINE_REASON, free_port, serving_config
 
 
 @dataclass(frozen=True)
@@ -19,12 +18,6 @@ class Served:
     url: str
     config: ServeConfig
     model_dir: str
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +31,7 @@ def served(tmp_path_factory):
     from dilaserve.serving.app import build_app
 
     model_dir = str(make_random_checkpoint(tmp_path_factory.mktemp("serving-model"), "llada", seed=1))
-    port = _free_port()
+    port = free_port()
     config = serving_config(model_dir, port)
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
              _system_config={"metrics_report_interval_ms": 1000})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import socket
 import time
 
 import pytest
@@ -27,6 +28,13 @@ def serving_config(model_dir: str, port: int) -> ServeConfig:
         "http": {"host": "127.0.0.1", "port": port, "max_body_bytes": MAX_BODY_BYTES, "ingress_num_cpus": 0.25},
         "defaults": {"max_tokens": 32, "block_length": 16},
     }, "test config")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_for(predicate, timeout_s: float, interval_s: float = 0.1):
