@@ -224,11 +224,15 @@ class EngineCore:
         return request_work(request.seq_len, request.num_masked_remaining(), request.params.block_size,
                             self.tokens_per_step(request.params, threshold), request.params.cache).steps
 
+    def _new_work(self, prompt_len: int, params: SamplingParams, threshold: float | None) -> Work:
+        """The work of a prospective request at ``threshold`` (default: its own, else the engine's)."""
+        t = threshold if threshold is not None else (params.threshold or self.default_threshold)
+        return request_work(prompt_len + params.max_tokens, params.max_tokens, params.block_size,
+                            self.tokens_per_step(params, t), params.cache)
+
     def predict_latency_s(self, prompt_len: int, params: SamplingParams, threshold: float | None = None) -> float:
         """Predicted seconds for such a request alone on an idle engine."""
-        t = threshold if threshold is not None else (params.threshold or self.default_threshold)
-        work = request_work(prompt_len + params.max_tokens, params.max_tokens, params.block_size,
-                            self.tokens_per_step(params, t), params.cache)
+        work = self._new_work(prompt_len, params, threshold)
         return work_s(self.prediction_cost(), work) * self.prediction_scale()
 
     def _work(self, request: Request) -> Work:
@@ -245,9 +249,7 @@ class EngineCore:
 
     def predict_finish_s(self, prompt_len: int, params: SamplingParams, threshold: float | None = None) -> float:
         """Predicted seconds from now until such a request, added now, would finish."""
-        t = threshold if threshold is not None else (params.threshold or self.default_threshold)
-        new = request_work(prompt_len + params.max_tokens, params.max_tokens, params.block_size,
-                           self.tokens_per_step(params, t), params.cache)
+        new = self._new_work(prompt_len, params, threshold)
         requests = list(self.scheduler.running) + list(self.scheduler.waiting)
         return batch_work_s(self.prediction_cost(), [self._work(r) for r in requests] + [new]) * self.prediction_scale()
 
@@ -299,9 +301,7 @@ class EngineCore:
                     if r.deadline_s is not None and not r.is_finished]
         if not requests:
             return float("inf")
-        t = threshold if threshold is not None else (params.threshold or self.default_threshold)
-        new = request_work(prompt_len + params.max_tokens, params.max_tokens, params.block_size,
-                           self.tokens_per_step(params, t), params.cache)
+        new = self._new_work(prompt_len, params, threshold)
         works = [self._work(r) for r in requests]
         time_left = [r.deadline_s - self.clock() for r in requests]
         cost, scale = self.prediction_cost(), self.prediction_scale()
