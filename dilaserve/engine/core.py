@@ -61,6 +61,7 @@ def check_cache_for_model(spec: ModelSpec, params: SamplingParams) -> None:
 
 
 PREDICTION_WINDOW_S = 60.0  # how long a finished request's prediction error counts (prediction_scale)
+PREDICTION_MIN_SAMPLES = 16  # finished requests a prediction scale needs
 
 
 class EngineCore:
@@ -89,7 +90,7 @@ class EngineCore:
         self._recent_steps: deque[StepRecord] = deque(maxlen=64)
         self._busy_since: float | None = None  # end of the last step, if it left work to do
         # Actual / predicted seconds to finish of recent requests with deadlines (see prediction_scale).
-        self._prediction_ratios: deque[tuple[float, float]] = deque(maxlen=128)  # (finish time, ratio)
+        self._prediction_ratios: deque[tuple[float, float, int]] = deque(maxlen=256)  # (finish time, ratio, load)
         self.num_finished = 0
 
     # -- intake -------------------------------------------------------------------------
@@ -142,6 +143,7 @@ class EngineCore:
                     # Judged only once the step-cost fit has data: before that the prior prices
                     # steps, and its error says nothing about the fitted model's.
                     payload.predicted_s = self._raw_finish_s(payload)
+                    payload.predicted_load = self._load()
                 self.scheduler.add(payload)
             else:
                 request = self.scheduler.abort(payload)
@@ -192,7 +194,8 @@ class EngineCore:
                 self.runner.release(request.request_id)
                 self.num_finished += 1
                 if request.predicted_s and request.finish_reason in ("eos", "length", "stop"):
-                    self._prediction_ratios.append((now, (now - request.arrival_s) / request.predicted_s))
+                    self._prediction_ratios.append(
+                        (now, (now - request.arrival_s) / request.predicted_s, request.predicted_load))
             outputs.append(self._output(request, new_tokens))
         self._busy_since = self.clock() if self.has_work() else None
         return outputs
@@ -233,7 +236,7 @@ class EngineCore:
     def predict_latency_s(self, prompt_len: int, params: SamplingParams, threshold: float | None = None) -> float:
         """Predicted seconds for such a request alone on an idle engine."""
         work = self._new_work(prompt_len, params, threshold)
-        return work_s(self.prediction_cost(), work) * self.prediction_scale()
+        return work_s(self.prediction_cost(), work) * self.prediction_scale(load=0)
 
     def _work(self, request: Request) -> Work:
         return request_work(request.seq_len, request.num_masked_remaining(), request.params.block_size,
@@ -247,11 +250,18 @@ class EngineCore:
         requests = list(self.scheduler.running) + list(self.scheduler.waiting)
         return batch_work_s(self.cost.cost, [self._work(r) for r in requests])
 
-    def predict_finish_s(self, prompt_len: int, params: SamplingParams, threshold: float | None = None) -> float:
-        """Predicted seconds from now until such a request, added now, would finish."""
+    def predict_finish_s(self, prompt_len: int, params: SamplingParams, threshold: float | None = None,
+                         reserve: float = 0.0) -> float:
+        """Predicted seconds from now until such a request, added now, would finish; with a
+        ``reserve``, as ``prediction_factor`` prices it for a check against ``(1 - reserve)`` x
+        the time left."""
         new = self._new_work(prompt_len, params, threshold)
         requests = list(self.scheduler.running) + list(self.scheduler.waiting)
-        return batch_work_s(self.prediction_cost(), [self._work(r) for r in requests] + [new]) * self.prediction_scale()
+        return (batch_work_s(self.prediction_cost(), [self._work(r) for r in requests] + [new])
+                * self.prediction_factor(reserve))
+
+    def _load(self) -> int:
+        return len(self.scheduler.running) + len(self.scheduler.waiting)
 
     def step_overhead_s(self) -> float:
         """Median wall time between recent steps beyond the runner's own time (planning,
@@ -265,22 +275,39 @@ class EngineCore:
         works = [self._work(r) for r in list(self.scheduler.running) + list(self.scheduler.waiting)]
         return float(batch_finish_s(self.prediction_cost(), works + [self._work(request)])[-1])
 
-    def prediction_scale(self) -> float:
-        """How much the finish predictions of recent requests fell short: the 95th percentile
-        of actual / predicted seconds to finish over requests with deadlines that finished in
-        the last ``PREDICTION_WINDOW_S`` seconds (at least 1, at most 8; 1 with fewer than 16).
+    def prediction_scale(self, load: int | None = None) -> float:
+        """How much the finish predictions of recent requests fell short, at a load like
+        ``load`` (requests admitted or queued; default: now): the 95th percentile of actual /
+        predicted seconds to finish over requests with deadlines that finished in the last
+        ``PREDICTION_WINDOW_S`` seconds and were taken at between half and twice that load
+        (all of them when fewer than ``PREDICTION_MIN_SAMPLES`` were); at least 0.5, at most 8;
+        1 with too few samples.
 
         The cost model prices steps and the work model counts them, but what a batch actually
         does also depends on what arrives later, the scheduler's budgets and the host; this
         closes the loop on the measured error, so admission keeps its promises under overload.
-        The window makes it forget: a scale that makes admission refuse everything would
-        otherwise never see another request finish, and never come down.
+        The error grows with load (large batches, a busy host), so it is measured per load:
+        the error of a crowded engine does not make an idle one refuse. The window makes it
+        forget: a scale that makes admission refuse everything would otherwise never see
+        another request finish, and never come down.
         """
         horizon = self.clock() - PREDICTION_WINDOW_S
-        ratios = sorted(r for t, r in self._prediction_ratios if t >= horizon)
-        if len(ratios) < 16:
+        recent = [(r, n) for t, r, n in self._prediction_ratios if t >= horizon]
+        if len(recent) < PREDICTION_MIN_SAMPLES:
             return 1.0
-        return min(8.0, max(1.0, ratios[int(0.95 * (len(ratios) - 1))]))
+        load = self._load() if load is None else load
+        near = sorted(r for r, n in recent if load // 2 <= n <= max(1, 2 * load))
+        ratios = near if len(near) >= PREDICTION_MIN_SAMPLES else sorted(r for r, _ in recent)
+        return min(8.0, max(0.5, ratios[int(0.95 * (len(ratios) - 1))]))
+
+    def prediction_factor(self, reserve: float = 0.0, load: int | None = None) -> float:
+        """What raw predictions are multiplied by before they are compared with ``(1 -
+        reserve)`` x a deadline's time left. The reserve and the measured error
+        (``prediction_scale``) both allow for prediction error, so they do not compound: a
+        prediction must fit the time left with a margin of the larger of the two, i.e.
+        ``raw x max(scale, 1 / (1 - reserve)) <= time left``."""
+        scale = self.prediction_scale(load)
+        return scale if reserve <= 0 else max(scale * (1.0 - reserve), 1.0)
 
     def prediction_cost(self):
         """The step cost that admission predictions use: the fitted one plus the step overhead."""
@@ -290,9 +317,10 @@ class EngineCore:
     def predict_min_slack_s(self, prompt_len: int, params: SamplingParams, threshold: float | None = None,
                             reserve: float = 0.0) -> float:
         """The least slack any admitted request would keep if such a request were added now:
-        ``(1 - reserve)`` x its seconds to the deadline minus its predicted seconds to finish,
-        among the requests with a deadline whose slack is >= 0 without it; inf when there are
-        none. ``reserve`` keeps a share of every deadline for prediction error.
+        ``(1 - reserve)`` x its seconds to the deadline minus its predicted seconds to finish
+        (``prediction_factor``), among the requests with a deadline whose slack is >= 0 without
+        it; inf when there are none. ``reserve`` keeps a share of every deadline for prediction
+        error.
 
         Admission checks this as well as the newcomer's own finish: otherwise every request
         admitted later slows the earlier ones down, and under overload they all run late.
@@ -304,7 +332,7 @@ class EngineCore:
         new = self._new_work(prompt_len, params, threshold)
         works = [self._work(r) for r in requests]
         time_left = [r.deadline_s - self.clock() for r in requests]
-        cost, scale = self.prediction_cost(), self.prediction_scale()
+        cost, scale = self.prediction_cost(), self.prediction_factor(reserve)
         before = batch_finish_s(cost, works) * scale
         after = batch_finish_s(cost, works + [new])[:-1] * scale
         usable = [(1.0 - reserve) * left for left in time_left]
@@ -329,6 +357,7 @@ class EngineCore:
             num_threshold_lowerings=self.load_control.num_lowerings if self.load_control else 0,
             mean_chunk_size=sum(s.chunk_sum for s in steps) / slots if slots else 0.0,
             step_cost=(self.cost.cost.fixed_s, self.cost.cost.per_token_s, self.cost.cost.per_context_s),
+            prediction_scale=self.prediction_scale(),
         )
 
 

@@ -56,6 +56,7 @@ class Request:
     finish_reason: str | None = None
     first_token_s: float | None = None
     predicted_s: float | None = None  # seconds to finish the engine predicted when it took the request
+    predicted_load: int = 0  # requests admitted or queued when it was taken (see prediction_scale)
 
     def __post_init__(self) -> None:
         if not self.canvas:

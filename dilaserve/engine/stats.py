@@ -23,3 +23,5 @@ class EngineStats:
     # The cost model's current StepCost as (fixed_s, per_token_s, per_context_s): fitted
     # online from this engine's steps, or its prior (what the simulator needs to mirror it).
     step_cost: tuple[float, float, float] | None = None
+    # The factor admission multiplies its finish predictions by (EngineCore.prediction_scale).
+    prediction_scale: float = 1.0

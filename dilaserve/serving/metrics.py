@@ -53,6 +53,9 @@ class ReplicaMetrics:
         self.backlog = Gauge("dilaserve_replica_predicted_backlog_seconds", "predicted seconds to finish queued work",
                              tag_keys=tags)
         self.pages_free = Gauge("dilaserve_replica_kv_pages_free", "free KV cache pages", tag_keys=tags)
+        self.prediction_scale = Gauge("dilaserve_replica_prediction_scale",
+                                      "factor admission applies to its finish predictions (measured error)",
+                                      tag_keys=tags)
 
     def report(self, stats: EngineStats, default_threshold: float | None) -> None:
         tags = self._tags
@@ -66,3 +69,4 @@ class ReplicaMetrics:
         self.tokens_per_step.set(stats.tokens_decided_per_step, tags)
         self.backlog.set(stats.predicted_backlog_s, tags)
         self.pages_free.set(stats.pages_free, tags)
+        self.prediction_scale.set(getattr(stats, "prediction_scale", 1.0), tags)

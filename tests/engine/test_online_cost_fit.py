@@ -163,3 +163,23 @@ def test_finish_predictions_learn_from_how_late_requests_really_finished(llada):
     assert engine.prediction_scale() == 1.0
     # Requests without deadlines are never judged.
     assert engine.make_request("x", [1], params).predicted_s is None
+
+
+def test_prediction_scale_is_measured_per_load(llada):
+    from dilaserve.engine.config import EngineConfig
+    from dilaserve.engine.engine import Engine
+
+    now = [100.0]
+    engine = Engine(llada, EngineConfig(num_pages=64, page_size=8), clock=lambda: now[0])
+    # A nearly idle engine finished on time; a crowded one (8 others in flight) 3x late.
+    engine._prediction_ratios.extend((99.0, 0.9 + 0.01 * (i % 10), i % 2) for i in range(20))
+    engine._prediction_ratios.extend((99.0, 3.0, 8) for _ in range(20))
+    assert engine.prediction_scale(load=0) == pytest.approx(0.99)
+    assert engine.prediction_scale(load=1) == pytest.approx(0.99)  # loads 0..2 count
+    assert engine.prediction_scale(load=8) == 3.0
+    assert engine.prediction_scale(load=100) == 3.0  # nothing near: every sample, 95th percentile
+    assert engine.prediction_scale() == pytest.approx(0.99)  # now: idle
+    # Consistently pessimistic predictions scale down, to at most half.
+    engine._prediction_ratios.clear()
+    engine._prediction_ratios.extend((99.0, 0.2, 0) for _ in range(20))
+    assert engine.prediction_scale(load=0) == 0.5

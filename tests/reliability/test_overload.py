@@ -38,6 +38,7 @@ def test_three_times_capacity_sheds_fast_and_recovers(heavy):
     rate = lambda t: FACTOR * capacity if t < OVERLOAD_S else 0.3 * capacity  # noqa: E731
     outcomes = run_open_loop(url, rate, OVERLOAD_S + LIGHT_S, body, on_tick=sampler(url, "rel-heavy", samples, 2.0))
     rss_after = rss_mib(pid)
+    scale_after = engine_stats(url)["cpu-0"]["prediction_scale"]
     over = [o for o in outcomes if o.sent_s < OVERLOAD_S]
     light = [o for o in outcomes if o.sent_s >= OVERLOAD_S + 3.0]  # once the overload's backlog has drained
     t, t_over = tally(outcomes), tally(over)
@@ -45,7 +46,7 @@ def test_three_times_capacity_sheds_fast_and_recovers(heavy):
     print(f"\ncapacity {capacity:.2f} req/s; offered {FACTOR}x for {OVERLOAD_S:.0f} s then 0.3x for {LIGHT_S:.0f} s")
     print(f"sent {t.sent}, answered {t.answered}: {t.by_status}; during overload {t_over.ok} admitted, "
           f"{t_over.refused} refused, admitted attainment {t_over.attainment:.1%}")
-    print(f"refusal latency ms: {refusals}")
+    print(f"refusal latency ms: {refusals}; prediction scale at the end {scale_after:.2f}")
     print(f"replica RSS {rss_before:.0f} -> {rss_after:.0f} MiB")
     print(format_table(window_rows(outcomes, samples, 5.0)))
 

@@ -405,6 +405,7 @@ def test_short_real_replay_accounts_for_every_request(real_run):
     assert all(r.status is Status.OK for r in real_run.warmup), [r.error for r in real_run.warmup if r.error][:3]
     m = compute_metrics(records)
     print(metrics_table([m]))
+    print({name: round(stats["engine"]["prediction_scale"], 2) for name, stats in real_run.replica_stats.items()})
     assert m.num_requests == len(trace) == m.num_ok + m.num_refused
     assert m.num_ok >= 0.8 * len(trace)  # moderate load: most are admitted
     assert 0.0 < m.slo_attainment <= 1.0 and m.goodput_rps > 0
