@@ -36,7 +36,7 @@ def add_parser(sub) -> None:
 
     lat = kinds.add_parser("latency", help="step latency over batch, chunk, context and phase; fits the cost model")
     lat.add_argument("--model", default="default", help="'default', an embedded model's name, or a directory")
-    lat.add_argument("--shape", default=None, choices=["llada-8b", "tiny"],
+    lat.add_argument("--shape", default=None, choices=["llada-8b", "tiny", "sdar-8b", "sdar-tiny"],
                      help="a random-weight model of this shape instead of --model (step cost does not depend on weights)")
     lat.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     lat.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
@@ -56,6 +56,8 @@ def add_parser(sub) -> None:
     lat.add_argument("--kv-memory-gib", type=float, default=None,
                      help="KV memory an instance would hold, for the planner entry (default: free memory on CUDA, 1 GiB on CPU)")
     lat.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    lat.add_argument("--tensor-parallel", type=_ints, default=[1],
+                     help="degrees to profile, e.g. 1,2 (one GPU a rank); the planner file holds them all")
     lat.add_argument("--out", default="profiles", help="directory for latency_<model>_<device>.json and .png")
     lat.set_defaults(run=run_latency)
 
@@ -145,10 +147,9 @@ def _slug(text: str) -> str:
 def run_latency(args: argparse.Namespace) -> int:
     import torch
 
-    from dilaserve.engine.latency_profile import profile_dict, save_profile
-    from dilaserve.engine.profiling import Grid, measure_grid
+    from dilaserve.engine.latency_profile import save_profile
+    from dilaserve.engine.profiling import Grid
     from dilaserve.errors import InvalidRequestError
-    from dilaserve.models.paged_attention import PagedKVCache
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -159,16 +160,18 @@ def run_latency(args: argparse.Namespace) -> int:
     on_gpu = device.type == "cuda"
     dtype = {"auto": torch.bfloat16 if on_gpu else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16}[args.dtype]
-    if args.shape:
-        from dilaserve.engine.random_model import SHAPES as BUILD_SHAPES, build_model
+    from dilaserve.engine.config import EngineConfig
+    from dilaserve.engine.tensor_parallel import ModelSource, TensorParallelGroup
 
-        model, model_name = build_model(BUILD_SHAPES[args.shape], device, dtype=dtype), f"{args.shape}-random"
+    dtype_name = str(dtype).removeprefix("torch.")
+    if args.shape:
+        source, model_name = ModelSource(random_shape=args.shape, dtype=dtype_name, device=device.type), \
+            f"{args.shape}-random"
     else:
-        from dilaserve.models.registry import load_model
         from dilaserve.models.store import resolve_model
 
         model_dir = resolve_model(args.model)
-        model, model_name = load_model(model_dir, device=device, dtype=dtype), model_dir.name
+        source, model_name = ModelSource(model_dir=str(model_dir), dtype=dtype_name, device=device.type), model_dir.name
     grid = Grid(
         batch_sizes=tuple(args.batch_sizes or ((1, 2, 4, 8, 16, 32, 64) if on_gpu else (1, 2, 4, 8))),
         chunks=tuple(args.chunks or ((4, 8, 16, 32) if on_gpu else (4, 8, 32))),
@@ -177,8 +180,42 @@ def run_latency(args: argparse.Namespace) -> int:
         max_step_tokens=args.max_step_tokens, warmup=args.warmup, repeats=args.repeats,
     )
     device_name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
+    out = Path(args.out)
+    stem = f"latency_{_slug(model_name)}_{_slug(device_name)}"
+    profiles = []
+    for degree in args.tensor_parallel:
+        tp = TensorParallelGroup(degree, source, EngineConfig(kernels=args.kernels)) if degree > 1 else None
+        try:
+            model = source.load_shard(0, degree, tp.device if tp else device, tp.all_reduce if tp else None)
+            profile = _profile_degree(args, model, model_name, device_name, dtype, grid, degree, tp)
+        finally:
+            if tp is not None:
+                tp.close()
+        del model
+        if on_gpu:
+            torch.cuda.empty_cache()
+        name = stem if len(args.tensor_parallel) == 1 else f"{stem}_tp{degree}"
+        save_profile(profile, out / f"{name}.json")
+        plot_latency(profile, out / f"{name}.png")
+        print(f"wrote {out / (name + '.json')} and {out / (name + '.png')}")
+        profiles.append(profile)
+    if len(profiles) > 1:  # the planner's file: every degree's entry
+        merged = {**profiles[0], "degrees": [d for p in profiles for d in p["degrees"]]}
+        save_profile(merged, out / f"{stem}.json")
+        print(f"wrote {out / (stem + '.json')} (degrees {', '.join(str(d) for d in args.tensor_parallel)})")
+    return 0
+
+
+def _profile_degree(args, model, model_name: str, device_name: str, dtype, grid, degree: int, tp) -> dict:
+    import torch
+
+    from dilaserve.engine.latency_profile import profile_dict
+    from dilaserve.engine.profiling import measure_grid
+    from dilaserve.models.paged_attention import PagedKVCache
+
     todo = len(grid.points())
-    print(f"profiling {model_name} on {device_name} ({str(dtype).removeprefix('torch.')}): {todo} grid points", flush=True)
+    print(f"profiling {model_name} on {device_name} x{degree} ({str(dtype).removeprefix('torch.')}): "
+          f"{todo} grid points", flush=True)
     done = [0]
 
     def progress(point) -> None:
@@ -186,36 +223,33 @@ def run_latency(args: argparse.Namespace) -> int:
         print(f"[{done[0]:4d}/{todo}] {point.phase:7} batch {point.batch_size:3d} chunk {point.chunk:3d} "
               f"context {point.context:5d} tokens {point.shape.tokens:6d}: {point.seconds * 1e3:9.2f} ms", flush=True)
 
-    points = measure_grid(model, grid, kernels=args.kernels, progress=progress)
+    points = measure_grid(model, grid, kernels=args.kernels, progress=progress, tp=tp)
     spec = model.spec
-    per_token = PagedKVCache.bytes_per_page(spec.num_layers, 1, spec.num_kv_heads, spec.head_dim, dtype)
+    device = next(model.parameters()).device
+    # KV bytes per token on one rank (it caches its share of the heads); capacity is per instance.
+    per_token = PagedKVCache.bytes_per_page(spec.num_layers, 1, spec.num_kv_heads // degree, spec.head_dim, dtype)
     if args.kv_memory_gib is not None:
         kv_bytes = args.kv_memory_gib * 2**30
-    elif on_gpu:
+    elif device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         kv_bytes = max(free - 8 * 2**30, per_token)  # what is left beside weights, less room for activations
     else:
         kv_bytes = 2**30
     meta = {"model": model_name, "device": device_name, "dtype": str(dtype).removeprefix("torch."),
-            "kernels": args.kernels, "cache": "dual", "block_size": args.block_size,
+            "kernels": args.kernels, "cache": "dual", "block_size": args.block_size, "tensor_parallel": degree,
             "date": datetime.date.today().isoformat(), "torch": torch.__version__,
             "grid": {"batch_sizes": list(grid.batch_sizes), "chunks": list(grid.chunks),
                      "contexts": list(grid.contexts), "phases": list(grid.phases),
                      "warmup": grid.warmup, "repeats": grid.repeats}}
     profile = profile_dict(points, meta, kv_capacity_tokens=int(kv_bytes // per_token),
-                           test_fraction=args.test_fraction, seed=args.seed)
-    out = Path(args.out)
-    stem = f"latency_{_slug(model_name)}_{_slug(device_name)}"
-    save_profile(profile, out / f"{stem}.json")
-    plot_latency(profile, out / f"{stem}.png")
+                           test_fraction=args.test_fraction, seed=args.seed, degree=degree)
     h, h3 = profile["holdout"], profile["holdout_3term"]
     fit = profile["fit"]
     print("fitted step cost: " + ", ".join(f"{k} {v:.3g}" for k, v in fit.items()))
     print(f"held-out relative error ({h['num_test']} of {h['num_test'] + h['num_train']} points): "
           f"median {h['median_rel_error']:.1%}, max {h['max_rel_error']:.1%} "
           f"(three-term form: median {h3['median_rel_error']:.1%}, max {h3['max_rel_error']:.1%})")
-    print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
-    return 0
+    return profile
 
 
 def plot_latency(profile: dict, path: Path) -> None:

@@ -14,14 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import AsyncIterator
 
-import torch
 
 from dilaserve.engine.config import EngineConfig
-from dilaserve.engine.engine import Engine
+from dilaserve.engine.engine import Engine, build_engine
+from dilaserve.engine.tensor_parallel import ModelSource
 from dilaserve.engine.sampling_params import RequestOutput, SamplingParams
 from dilaserve.engine.stats import EngineStats
 from dilaserve.errors import InvalidRequestError
-from dilaserve.models.registry import load_model
 from dilaserve.models.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -45,9 +44,12 @@ class AsyncEngine:
     def __init__(self, model_dir: str, config: EngineConfig | None = None, device: str = "cpu",
                  dtype: str = "float32", engine: Engine | None = None):
         if engine is None:
-            model = load_model(model_dir, device=device, dtype=getattr(torch, dtype))
-            engine = Engine(model, config)
-            _seed_from_profile(engine, config.quality_profile if config else None, model_dir)
+            engine = build_engine(ModelSource(model_dir=model_dir, dtype=dtype, device=device), config)
+            try:
+                _seed_from_profile(engine, config.quality_profile if config else None, model_dir)
+            except BaseException:
+                engine.close()
+                raise
         self.engine = engine
         self.spec = engine.spec
         self.tokenizer = load_tokenizer(model_dir) if model_dir else None
@@ -71,6 +73,9 @@ class AsyncEngine:
                 pass
             self._task = None
         self._executor.shutdown(wait=True)
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                     deadline: float | None = None) -> AsyncIterator[RequestOutput]:
@@ -118,12 +123,16 @@ class AsyncEngine:
             raise RuntimeError(f"the engine loop failed: {self._error}")
         if self._task is not None and self._task.done():
             raise RuntimeError("the engine loop has stopped")
+        check = getattr(self.engine, "check_health", None)
+        if check is not None:
+            check()
 
     def predict_latency_s(self, prompt_len: int, params: SamplingParams, threshold: float | None = None) -> float:
         return self.engine.predict_latency_s(prompt_len, params, threshold)
 
-    def predict_finish_s(self, prompt_len: int, params: SamplingParams, threshold: float | None = None) -> float:
-        return self.engine.predict_finish_s(prompt_len, params, threshold)
+    def predict_finish_s(self, prompt_len: int, params: SamplingParams, threshold: float | None = None,
+                         reserve: float = 0.0) -> float:
+        return self.engine.predict_finish_s(prompt_len, params, threshold, reserve)
 
     def predict_min_slack_s(self, prompt_len: int, params: SamplingParams, threshold: float | None = None,
                             reserve: float = 0.0) -> float:

@@ -39,6 +39,8 @@ class EngineConfig:
     kernels: str = "auto"
     # Replay reuse steps from CUDA graphs (bucketed step shapes) where the Triton path runs.
     cuda_graphs: bool = True
+    # Ranks the model is split over (tensor_parallel.py); on GPUs one GPU each.
+    tensor_parallel: int = 1
     # A quality profile (``dilaserve profile quality`` JSON) whose tokens decided per step seed
     # the engine's estimate for each threshold; None: the model directory's
     # ``quality_profile.json`` when there is one.

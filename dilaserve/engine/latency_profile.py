@@ -117,7 +117,8 @@ def fit_with_holdout(points: Sequence[LatencyPoint], terms: Sequence[str] = COST
 
 # -- files ---------------------------------------------------------------------------------------
 def profile_dict(points: Sequence[LatencyPoint], meta: dict[str, Any], *, max_running: int = 256,
-                 kv_capacity_tokens: int = 1, test_fraction: float = 0.25, seed: int = 0) -> dict[str, Any]:
+                 kv_capacity_tokens: int = 1, test_fraction: float = 0.25, seed: int = 0,
+                 degree: int = 1) -> dict[str, Any]:
     """The profile file's content: points, the full and three-term fits, their held-out errors,
     and the planner's ``degrees`` entry. The ``fit`` coefficients are refitted on all points
     after the held-out check (the check says how good the form is; all data fit it best)."""
@@ -129,7 +130,7 @@ def profile_dict(points: Sequence[LatencyPoint], meta: dict[str, Any], *, max_ru
         "points": [p.to_dict() for p in points],
         "fit": asdict(full), "holdout": holdout,
         "fit_3term": {k: getattr(three, k) for k in THREE_TERMS}, "holdout_3term": holdout3,
-        "degrees": [{"degree": 1, **{k: getattr(three, k) for k in THREE_TERMS},
+        "degrees": [{"degree": degree, **{k: getattr(three, k) for k in THREE_TERMS},
                      "max_running": max_running, "kv_capacity_tokens": max(1, int(kv_capacity_tokens))}],
     }
 

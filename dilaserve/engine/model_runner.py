@@ -22,10 +22,15 @@ from dilaserve.models.paged_attention import PagedAttention, PagedKVCache
 
 
 class ModelRunner:
+    """``tp``: on rank 0 of a tensor-parallel instance, the group its steps are sent to (the
+    model is then rank 0's shard: ``model.tensor_parallel`` = (rank, degree))."""
+
     def __init__(self, model: DiffusionLM, num_pages: int, page_size: int, kernels: str = "auto",
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, tp=None):
         self.model = model
         self.spec = model.spec
+        self.tp = tp
+        self.tp_degree = getattr(model, "tensor_parallel", (0, 1))[1]
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.page_size = page_size
@@ -37,8 +42,8 @@ class ModelRunner:
         use_graphs = (cuda_graphs and self.fast_path is not None and self.device.type == "cuda"
                       and not self.spec.causal_block_size)
         self.cache = PagedKVCache(
-            self.spec.num_layers, num_pages + (1 if use_graphs else 0), page_size, self.spec.num_kv_heads,
-            self.spec.head_dim, self.dtype, self.device,
+            self.spec.num_layers, num_pages + (1 if use_graphs else 0), page_size,
+            self.spec.num_kv_heads // self.tp_degree, self.spec.head_dim, self.dtype, self.device,
         )
         self.block_ops = self.fast_path.block_ops if self.fast_path else None
         self.graphs = ReuseGraphs(model, self.cache, self.attention_cls, num_pages * page_size,
@@ -100,19 +105,28 @@ class ModelRunner:
         extra = {}
         if self.spec.causal_block_size:
             starts = torch.tensor([item.compute_start for item in items])
-            extra = dict(query_positions=(starts.unsqueeze(1) + torch.arange(q_max)).to(self.device),
+            extra = dict(query_positions=starts.unsqueeze(1) + torch.arange(q_max),
                          causal_block_size=self.spec.causal_block_size)
         return StepInputs(packed[0], packed[1], slots, query_index, query_valid, key_index, key_valid), extra
 
     def _forward(self, plan: StepPlan) -> torch.Tensor:
-        """Hidden states of the packed tokens: from a CUDA graph for reuse steps when one
-        applies, else eagerly."""
         inputs, extra = self._build(plan)
-        if self.graphs is not None and not any(item.is_refresh for item in plan.items):
+        eager = any(item.is_refresh for item in plan.items)  # refresh steps are large: no graphs
+        if self.tp is not None:
+            self.tp.send_step(inputs, extra, eager)
+        return self.forward_inputs(inputs, extra, eager)
+
+    def forward_inputs(self, inputs: StepInputs, extra: dict, eager: bool) -> torch.Tensor:
+        """Hidden states of the packed tokens (``inputs`` on the CPU): from a CUDA graph when
+        one applies and ``eager`` is off, else eagerly. Tensor-parallel workers run each step
+        through here with rank 0's inputs, so every rank takes the same path."""
+        if self.graphs is not None and not eager:
             hidden = self.graphs.run(inputs)
             if hidden is not None:
                 return hidden
         dev = inputs.to(self.device)
+        if extra:
+            extra = dict(extra, query_positions=extra["query_positions"].to(self.device))
         attn = self.attention_cls(self.cache, dev.slot_mapping, dev.query_index, dev.query_valid,
                                   dev.key_slots, dev.key_valid, **extra)
         return self.model(dev.input_ids, dev.positions, attn, self.block_ops)

@@ -98,11 +98,14 @@ def make_plan(requests: list[Request], chunk: int, shift_logits: bool) -> StepPl
 
 
 def measure_grid(model: DiffusionLM, grid: Grid, page_size: int = 16, kernels: str = "auto",
-                 progress: Callable[[LatencyPoint], None] | None = None) -> list[LatencyPoint]:
-    """Times every grid point with the engine's model runner; returns the points in order."""
+                 progress: Callable[[LatencyPoint], None] | None = None, tp=None) -> list[LatencyPoint]:
+    """Times every grid point with the engine's model runner; returns the points in order.
+    ``tp``: the tensor-parallel group when ``model`` is rank 0's shard (its workers run each step)."""
     spec = model.spec
     num_pages = grid.pages_needed(page_size)
-    runner = ModelRunner(model, num_pages, page_size, kernels)
+    if tp is not None:
+        tp.setup(num_pages)
+    runner = ModelRunner(model, num_pages, page_size, kernels, tp=tp)
     allocator = PageAllocator(num_pages, page_size)
     points = []
     for n, (phase, batch, chunk, context) in enumerate(grid.points()):

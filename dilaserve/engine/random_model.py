@@ -30,15 +30,19 @@ SDAR_TINY = dict(family="sdar", hidden_size=128, num_hidden_layers=2, num_attent
 SHAPES = {"llada-8b": LLADA_8B, "tiny": TINY, "sdar-8b": SDAR_8B, "sdar-tiny": SDAR_TINY}
 
 
+def spec_for_shape(shape: dict):
+    """The ``ModelSpec`` of a named shape (no weights)."""
+    shape = dict(shape)
+    if shape.pop("family", "llada") == "sdar":
+        return sdar_spec(sdar_config(**shape))
+    return llada_spec(llada_config(**shape))
+
+
 def build_model(shape: dict, device: torch.device, seed: int = 0, dtype: torch.dtype | None = None) -> DiffusionLM:
     """A model of ``shape`` (LLaDA unless its ``family`` is "sdar") on ``device`` with random
     weights (bf16 on CUDA, float32 elsewhere unless ``dtype`` says otherwise)."""
-    shape = dict(shape)
-    family = shape.pop("family", "llada")
-    if family == "sdar":
-        spec, model_cls = sdar_spec(sdar_config(**shape)), SDARModel
-    else:
-        spec, model_cls = llada_spec(llada_config(**shape)), LLaDAModel
+    spec = spec_for_shape(shape)
+    model_cls = SDARModel if shape.get("family") == "sdar" else LLaDAModel
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

@@ -1,8 +1,8 @@
 """Building and running the Serve application from a serving config.
 
 - ``build_app(config)``: the application: one ``Replica`` deployment per replica of every
-  variant (GPUs reserved per the variant; tensor parallel variants get a placement group of
-  one GPU bundle per rank), and the ``Ingress`` bound to handles of all of them.
+  variant (GPUs reserved per the variant; a tensor-parallel replica gets all its ranks' GPUs in
+  one STRICT_PACK placement group bundle), and the ``Ingress`` bound to handles of all of them.
 - ``app_builder(args)``: the import path for ``serve run`` / ``serve deploy``
   (``dilaserve.serving.app:app_builder``); ``args`` hold ``config: <yaml path>`` or the config
   itself inline.
@@ -29,16 +29,14 @@ def replica_options(variant: VariantConfig) -> dict[str, Any]:
     """Serve deployment options of one replica of ``variant``."""
     options: dict[str, Any] = {"num_replicas": 1, "max_ongoing_requests": variant.max_ongoing_requests}
     cpus = variant.num_cpus_per_replica
+    gpus = variant.num_gpus_per_replica
+    options["ray_actor_options"] = {"num_cpus": cpus, "num_gpus": gpus}
     if variant.tensor_parallel > 1:
-        # The replica actor holds rank 0's GPU; the engine places ranks 1.. in the other bundles.
-        gpus_per_rank = variant.num_gpus_per_replica / variant.tensor_parallel
-        options["ray_actor_options"] = {"num_cpus": cpus, "num_gpus": gpus_per_rank}
-        options["placement_group_bundles"] = [{"CPU": cpus, "GPU": gpus_per_rank}] + [
-            {"GPU": gpus_per_rank} for _ in range(variant.tensor_parallel - 1)
-        ]
+        # One bundle holding every rank's GPU, on one node: the replica runs rank 0 and starts
+        # the other ranks as its own worker processes (engine/tensor_parallel.py), which see
+        # the same GPUs.
+        options["placement_group_bundles"] = [{"CPU": cpus, "GPU": gpus} if gpus else {"CPU": cpus}]
         options["placement_group_strategy"] = "STRICT_PACK"
-    else:
-        options["ray_actor_options"] = {"num_cpus": cpus, "num_gpus": variant.num_gpus_per_replica}
     return options
 
 

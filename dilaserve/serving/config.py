@@ -75,7 +75,9 @@ class AdmissionConfig:
     max_waiting: int | None = None  # queued requests per replica before 429 (None: unbounded)
     # Share of each deadline kept in reserve for prediction error: a request is admitted when
     # predicted to finish within (1 - headroom) x its time left, and when no admitted request
-    # would then be predicted past (1 - headroom) x its own. Config files default to 0.2.
+    # would then be predicted past (1 - headroom) x its own. Once a replica has measured its
+    # prediction error (EngineCore.prediction_scale) the margin is the larger of the two, not
+    # their product. Config files default to 0.2.
     headroom: float = 0.0
 
 
@@ -147,6 +149,8 @@ class VariantSection(_Section):
         unknown = sorted(set(self.engine) - known) if known else []
         if unknown:
             raise ValueError(f"unknown engine setting(s) {unknown}; known: {sorted(known)}")
+        if "tensor_parallel" in self.engine:
+            raise ValueError("set tensor_parallel on the variant, not in its engine settings")
         return self
 
 
@@ -208,8 +212,10 @@ class ServeConfigFile(_Section):
                 raise ValueError(
                     f"variant {v.name!r} serves model {v.model!r}, which is not among models {sorted(models)}"
                 )
-            if v.tensor_parallel > 1 and models[v.model].device != "cuda":
-                raise ValueError(f"variant {v.name!r}: tensor_parallel > 1 needs a model on device cuda")
+            gpus = v.num_gpus_per_replica
+            if v.tensor_parallel > 1 and models[v.model].device == "cuda" and gpus is not None and gpus < v.tensor_parallel:
+                raise ValueError(f"variant {v.name!r}: tensor_parallel {v.tensor_parallel} needs "
+                                 f"{v.tensor_parallel} GPUs per replica (one a rank), not {gpus}")
         served = {v.model for v in self.variants if v.num_replicas > 0}
         idle = sorted(set(models) - served)
         if idle:

@@ -52,7 +52,19 @@ class Dispatched:
     num_prompt_tokens: int = 0
 
     def __aiter__(self) -> AsyncIterator[Chunk]:
-        return self.stream.__aiter__()
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[Chunk]:
+        async for chunk in self.stream:
+            if chunk.error is not None and chunk.error_status == 503:
+                # The replica's engine failed (say a tensor-parallel worker died): for the
+                # ingress this is the replica failing under the request, which it fails over.
+                raise ReplicaFailedError(chunk.error)
+            yield chunk
+
+
+class ReplicaFailedError(RuntimeError):
+    """A replica reported that it can no longer decode the request it had accepted."""
 
 
 @dataclass
@@ -203,12 +215,20 @@ class Dispatcher:
                 self.release(ref.name)
                 stream.cancel()
                 raise
+            if accepted.error is not None and accepted.error_status == 503 and len(candidates) > 1:
+                # The replica cannot decode at all (its engine failed): the next one may.
+                self.release(ref.name)
+                logger.warning("replica %s cannot take %s: %s", ref.name, request_id, accepted.error)
+                self.mark_failed(ref.name)
+                candidates = [e for e in candidates if e.replica != ref.name]
+                continue
             break
         if accepted.error is not None:
             self.release(ref.name)
             status = accepted.error_status or 500
-            kind = {400: "invalid_request_error", 429: "rate_limit_error"}.get(status, "server_error")
-            raise ApiError(status, accepted.error, type=kind, code="queue_full" if status == 429 else None,
+            kind = {400: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}.get(status, "server_error")
+            code = {429: "queue_full", 503: "replica_failed"}.get(status)
+            raise ApiError(status, accepted.error, type=kind, code=code,
                            headers={"Retry-After": "1"} if status in (429, 503) else None)
         return Dispatched(ref.name, deadline, accepted, stream, by_name[ref.name], len(prompt_ids))
 

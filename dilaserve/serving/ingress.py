@@ -232,7 +232,14 @@ class OpenAIIngress:
             raise ApiError(503, f"generation failed on replicas {sorted(failed)}: {exc!r}", type="service_unavailable",
                            code="replica_failed", headers={"Retry-After": "1"})
         self.metrics.admission.inc(tags={"model": ctx.model, "decision": "retried"})
-        return await redispatch(frozenset(failed))
+        try:
+            return await redispatch(frozenset(failed))
+        except ApiError as error:
+            if error.status != 503:
+                raise
+            raise ApiError(503, f"replica {d.replica} failed under the request ({exc}) and no other replica "
+                           f"could take it: {error.message}", type="service_unavailable", code="replica_failed",
+                           headers={"Retry-After": "1"}) from None
 
     async def _collect(self, ctx: ResponseContext, d: Dispatched, redispatch, arrival_s: float) -> Response:
         failed: set[str] = set()

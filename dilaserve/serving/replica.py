@@ -44,7 +44,7 @@ class ReplicaServer:
             torch.set_num_threads(max(1, int(variant.num_cpus_per_replica)))
         self.name, self.model_name, self.variant = name, model.name, variant.name
         model_dir = await asyncio.to_thread(resolve_model_dir, model)
-        engine_config = EngineConfig(**dict(variant.engine))
+        engine_config = EngineConfig(**{**dict(variant.engine), "tensor_parallel": variant.tensor_parallel})
         self.engine = AsyncEngine(str(model_dir), engine_config, device=model.device, dtype=model.dtype)
         await self.engine.start()
         self.tokenizer = getattr(self.engine, "tokenizer", None)
@@ -113,9 +113,10 @@ class ReplicaServer:
                 elif update.text or out.new_token_ids:
                     yield Chunk(text=update.text, token_ids=list(out.new_token_ids),
                                 num_completion_tokens=len(out.token_ids))
-        except RuntimeError as exc:  # the engine failed mid-request
+        except RuntimeError as exc:  # the engine failed mid-request: this replica cannot go on
             is_done = True
-            yield Chunk(finished=True, finish_reason="error", error=str(exc), error_status=500)
+            yield Chunk(finished=True, finish_reason="error", error=f"replica {self.name} failed: {exc}",
+                        error_status=503)
         finally:
             if not is_done:  # the consumer went away: free the engine's pages now
                 await self.engine.abort(rid)
@@ -145,10 +146,12 @@ class ReplicaServer:
         params = self.resolve(params)
         threshold, floor = params.threshold, params.threshold_floor
         solo = self.engine.predict_latency_s(prompt_len, params, threshold)
-        finish = self.engine.predict_finish_s(prompt_len, params, threshold)
+        # With a reserve, finish predictions are priced for the dispatcher's check against
+        # (1 - reserve) x the time left (EngineCore.prediction_factor).
+        finish = self.engine.predict_finish_s(prompt_len, params, threshold, reserve)
         finish_floor, solo_floor = finish, solo
         if floor is not None and threshold is not None and floor < threshold:
-            finish_floor = self.engine.predict_finish_s(prompt_len, params, floor)
+            finish_floor = self.engine.predict_finish_s(prompt_len, params, floor, reserve)
             solo_floor = self.engine.predict_latency_s(prompt_len, params, floor)
         at = floor if floor is not None and threshold is not None and floor < threshold else threshold
         predict_slack = getattr(self.engine, "predict_min_slack_s", None)
@@ -161,9 +164,12 @@ class ReplicaServer:
         )
 
     async def stats(self) -> dict[str, Any]:
+        tp = getattr(getattr(self.engine, "engine", None), "tp", None)
         return {
             "name": self.name, "model": self.model_name, "variant": self.variant,
             "default_threshold": self.default_threshold, "max_waiting": self.max_waiting,
+            "tensor_parallel": tp.degree if tp is not None else 1,
+            "worker_pids": tp.worker_pids() if tp is not None else [],
             "engine": dataclasses.asdict(self.engine.stats()),
         }
 

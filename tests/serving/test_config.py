@@ -47,7 +47,10 @@ def test_default_config_and_overrides():
     ({"models": [{"name": "m"}, {"name": "m"}], "variants": [{"name": "v", "model": "m"}]}, "unique"),
     ({"models": [{"name": "m"}], "variants": [{"name": "v", "model": "m", "num_replicas": 0}]}, "no variant"),
     ({"models": [{"name": "m"}], "variants": [{"name": "v", "model": "m", "engine": {"page_sz": 4}}]}, "page_sz"),
-    ({"models": [{"name": "m"}], "variants": [{"name": "v", "model": "m", "tensor_parallel": 2}]}, "cuda"),
+    ({"models": [{"name": "m", "device": "cuda"}],
+      "variants": [{"name": "v", "model": "m", "tensor_parallel": 2, "num_gpus_per_replica": 1}]}, "needs 2 GPUs"),
+    ({"models": [{"name": "m"}],
+      "variants": [{"name": "v", "model": "m", "engine": {"tensor_parallel": 2}}]}, "on the variant"),
 ])
 def test_invalid_configs_name_the_field(data, message):
     with pytest.raises(ConfigError, match=message):
@@ -70,9 +73,11 @@ def test_gpu_variants_reserve_gpus_and_placement_groups():
     tp1, tp4 = config.variants
     assert replica_options(tp1)["ray_actor_options"]["num_gpus"] == 1.0
     options = replica_options(tp4)
-    assert len(options["placement_group_bundles"]) == 4
-    assert sum(b["GPU"] for b in options["placement_group_bundles"]) == 4
-    assert options["ray_actor_options"]["num_gpus"] == options["placement_group_bundles"][0]["GPU"]
+    # The replica holds all four ranks' GPUs (its workers share its view), packed on one node.
+    assert options["placement_group_bundles"] == [{"CPU": 1.0, "GPU": 4.0}]
+    assert options["placement_group_strategy"] == "STRICT_PACK"
+    assert options["ray_actor_options"]["num_gpus"] == 4.0
+    assert "placement_group_bundles" not in replica_options(tp1)
     assert local_num_cpus(config) == 3
 
 
