@@ -189,24 +189,9 @@ def main() -> None:
         return out
 
     single = run_degree(1)
-    multi = run_degree(args.degree) if parts - {"singles"} else {"build_s": None, "throughput": None}
-    result["build_s"] = {"tp1": single["build_s"], f"tp{args.degree}": multi["build_s"]}
-    if "agreement" in parts:
-        same = total = 0
-        first_diff = []
-        for rid, ref in single["tokens"].items():
-            got = multi["tokens"][rid]
-            n = min(len(ref), len(got))
-            same += sum(a == b for a, b in zip(ref[:n], got[:n]))
-            total += max(len(ref), len(got))
-            first_diff.append(next((i for i in range(n) if ref[i] != got[i]), n))
-        result["agreement"] = {"positions": total, "agree": same, "share": same / total,
-                               "first_divergence_per_prompt": first_diff}
-        print(f"greedy agreement TP=1 vs TP={args.degree}: {same}/{total} = {same / total:.2%}", flush=True)
-    if "latency" in parts:
-        result["batch1_step_ms"] = {"tp1": single["batch1_step_ms"], f"tp{args.degree}": multi["batch1_step_ms"],
-                                    "ratio": multi["batch1_step_ms"] / single["batch1_step_ms"]}
+    per_rank = {}
     if parts & {"throughput", "singles"}:
+        # N TP=1 instances first: they need every GPU, and the TP=N run then starts afresh.
         ctx = mp.get_context("spawn")
         barrier, queue = ctx.Barrier(args.degree), ctx.Queue()
         procs = [ctx.Process(target=_single_instance_worker, args=(r, args, levels, barrier, queue))
@@ -224,10 +209,28 @@ def main() -> None:
         per_rank = dict(queue.get(timeout=1800) for _ in procs)
         for p in procs:
             p.join()
+    multi = run_degree(args.degree) if parts - {"singles"} else {"build_s": None, "throughput": None}
+    result["build_s"] = {"tp1": single["build_s"], f"tp{args.degree}": multi["build_s"]}
+    if "agreement" in parts:
+        same = total = 0
+        first_diff = []
+        for rid, ref in single["tokens"].items():
+            got = multi["tokens"][rid]
+            n = min(len(ref), len(got))
+            same += sum(a == b for a, b in zip(ref[:n], got[:n]))
+            total += max(len(ref), len(got))
+            first_diff.append(next((i for i in range(n) if ref[i] != got[i]), n))
+        result["agreement"] = {"positions": total, "agree": same, "share": same / total,
+                               "first_divergence_per_prompt": first_diff}
+        print(f"greedy agreement TP=1 vs TP={args.degree}: {same}/{total} = {same / total:.2%}", flush=True)
+    if "latency" in parts:
+        result["batch1_step_ms"] = {"tp1": single["batch1_step_ms"], f"tp{args.degree}": multi["batch1_step_ms"],
+                                    "ratio": multi["batch1_step_ms"] / single["batch1_step_ms"]}
+    if per_rank:
         rows = []
         for i, c in enumerate(levels):
             singles = [per_rank[r][i] for r in range(args.degree)]
-            tp = multi["throughput"][i] if multi["throughput"] else {"tokens_per_s": None, "step_ms": None,
+            tp = multi["throughput"][i] if multi.get("throughput") else {"tokens_per_s": None, "step_ms": None,
                                                                       "latency_p50_s": None}
             lat = [s["latency_p50_s"] for s in singles if s["latency_p50_s"] is not None]
             rows.append({"concurrency": c, "tp_tokens_per_s": tp["tokens_per_s"], "tp_step_ms": tp["step_ms"],

@@ -23,6 +23,7 @@ import logging
 import multiprocessing as mp
 import socket
 import struct
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -37,6 +38,7 @@ from dilaserve.models.base import DiffusionLM
 logger = logging.getLogger(__name__)
 
 COLLECTIVE_TIMEOUT_S = 120.0  # a collective a peer never joins fails after this long
+CLOSE_TIMEOUT_S = 20.0  # how long closing waits for each teardown step
 _STOP, _STEP, _SETUP = 0, 1, 2
 _HEADER = struct.Struct("<8q")
 
@@ -192,6 +194,8 @@ class TensorParallelGroup:
         return [p.pid for p in self._procs]
 
     def close(self) -> None:
+        """Stops the workers and leaves the process group; never hangs (a teardown that does
+        not finish in time is logged and left behind)."""
         if self._closed:
             return
         self._closed = True
@@ -200,15 +204,22 @@ class TensorParallelGroup:
                 conn.send_bytes(_HEADER.pack(_STOP, 0, 0, 0, 0, 0, 0, 0))
             except OSError:
                 pass
+        # The workers leave the group as they stop; NCCL's teardown may wait for every rank,
+        # so rank 0 leaves at the same time (in a thread, bounded), not after joining them.
+        if torch.distributed.is_initialized():
+            leaving = threading.Thread(target=torch.distributed.destroy_process_group, daemon=True)
+            leaving.start()
+            leaving.join(timeout=CLOSE_TIMEOUT_S)
+            if leaving.is_alive():
+                logger.warning("leaving the tensor-parallel process group did not finish in %.0f s", CLOSE_TIMEOUT_S)
         for proc in self._procs:
-            proc.join(timeout=30)
+            proc.join(timeout=CLOSE_TIMEOUT_S)
             if proc.is_alive():
+                logger.warning("tensor-parallel worker %d did not stop in %.0f s: killed", proc.pid, CLOSE_TIMEOUT_S)
                 proc.kill()
                 proc.join(timeout=5)
         for conn in self._conns:
             conn.close()
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 # -- the workers ----------------------------------------------------------------------------------
