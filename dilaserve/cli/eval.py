@@ -27,6 +27,8 @@ def add_parser(sub) -> None:
     p.add_argument("--threshold", type=float, default=0.9)
     p.add_argument("--steps", type=int, default=None, help="fixed-steps schedule instead of a threshold")
     p.add_argument("--chunk", type=int, default=None, help="positions queried per step (default: the block)")
+    p.add_argument("--kv-retention", type=float, default=None,
+                   help="head-centric sparse KV: share of out-of-block positions each head keeps (dual cache)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=run)
 
@@ -59,12 +61,13 @@ def run(args: argparse.Namespace) -> int:
     point = evaluate(
         engine, tokenizer, task=args.task, split=args.split, num=args.num, seed=args.seed,
         max_tokens=args.max_tokens, block_size=args.block_size, threshold=args.threshold, steps=args.steps,
-        chunk=args.chunk, cache=args.cache,
+        chunk=args.chunk, cache=args.cache, kv_retention=args.kv_retention,
     )
     if args.json:
         print(json.dumps(point.to_dict()))
     else:
         lo, hi = point.accuracy_ci
         print(f"{args.task}/{args.split}: accuracy {point.accuracy:.1%} (95% CI {lo:.1%}-{hi:.1%}) over {point.num}; "
-              f"{point.tokens_per_step:.2f} tokens decided per step, {point.mean_steps:.1f} steps per request")
+              f"{point.tokens_per_step:.2f} tokens decided per step, {point.mean_steps:.1f} steps per request"
+              + (f" (sparse KV, retention {args.kv_retention})" if args.kv_retention is not None else ""))
     return 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -58,6 +59,8 @@ def check_cache_for_model(spec: ModelSpec, params: SamplingParams) -> None:
             f"cache 'exact' is for block-causal models (SDAR); model {spec.model_type!r} is bidirectional: "
             "use 'none', 'prefix' or 'dual'"
         )
+    if params.is_sparse_kv and spec.causal_block_size:
+        raise InvalidRequestError(f"kv_retention is for bidirectional models; {spec.model_type!r} is block-causal")
 
 
 PREDICTION_WINDOW_S = 60.0  # how long a finished request's prediction error counts (prediction_scale)
@@ -92,6 +95,7 @@ class EngineCore:
         # Actual / predicted seconds to finish of recent requests with deadlines (see prediction_scale).
         self._prediction_ratios: deque[tuple[float, float, int]] = deque(maxlen=256)  # (finish time, ratio, load)
         self.num_finished = 0
+        self.supports_sparse_kv = True  # the runner keeps per-head sparse KV (not tensor parallel yet)
 
     # -- intake -------------------------------------------------------------------------
     def make_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -110,9 +114,12 @@ class EngineCore:
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
                 f"maximum of {self.spec.max_positions} positions"
             )
-        if self.allocator.pages_for(seq_len) > self.allocator.num_pages:
+        if params.is_sparse_kv and not self.supports_sparse_kv:
+            raise InvalidRequestError("kv_retention is not supported on this replica (tensor parallel)")
+        kv_tokens = seq_len + (math.ceil(params.kv_retention * seq_len) if params.is_sparse_kv else 0)
+        if self.allocator.pages_for(kv_tokens) > self.allocator.num_pages:
             raise InvalidRequestError(
-                f"the request needs {seq_len} tokens of KV cache; this replica holds {self.allocator.num_pages * self.allocator.page_size}"
+                f"the request needs {kv_tokens} tokens of KV cache; this replica holds {self.allocator.num_pages * self.allocator.page_size}"
             )
         if self.num_waiting() >= self.max_waiting:
             raise QueueFullError(f"the waiting queue is full ({self.max_waiting} requests)")
@@ -122,6 +129,7 @@ class EngineCore:
             request_id, list(prompt_ids), params, self.spec.mask_token_id, stop_ids, self.clock(),
             deadline_s, threshold=threshold,
             block_origin=block_origin(len(prompt_ids), self.spec.causal_block_size),
+            window_lead=1 if self.spec.shift_logits else 0,
         )
 
     def add(self, request: Request) -> None:
@@ -225,13 +233,14 @@ class EngineCore:
 
     def _remaining_steps(self, request: Request, threshold: float) -> float:
         return request_work(request.seq_len, request.num_masked_remaining(), request.params.block_size,
-                            self.tokens_per_step(request.params, threshold), request.params.cache).steps
+                            self.tokens_per_step(request.params, threshold), request.params.cache,
+                            request.params.kv_retention).steps
 
     def _new_work(self, prompt_len: int, params: SamplingParams, threshold: float | None) -> Work:
         """The work of a prospective request at ``threshold`` (default: its own, else the engine's)."""
         t = threshold if threshold is not None else (params.threshold or self.default_threshold)
         return request_work(prompt_len + params.max_tokens, params.max_tokens, params.block_size,
-                            self.tokens_per_step(params, t), params.cache)
+                            self.tokens_per_step(params, t), params.cache, params.kv_retention)
 
     def predict_latency_s(self, prompt_len: int, params: SamplingParams, threshold: float | None = None) -> float:
         """Predicted seconds for such a request alone on an idle engine."""
@@ -240,7 +249,8 @@ class EngineCore:
 
     def _work(self, request: Request) -> Work:
         return request_work(request.seq_len, request.num_masked_remaining(), request.params.block_size,
-                            self.tokens_per_step(request.params, request.threshold), request.params.cache)
+                            self.tokens_per_step(request.params, request.threshold), request.params.cache,
+                            request.params.kv_retention)
 
     def _remaining_s(self, request: Request) -> float:
         return work_s(self.cost.cost, self._work(request))

@@ -180,22 +180,37 @@ class Work:
     queries: float = 0.0
 
 
-def request_work(seq_len: int, remaining: int, block_size: int, tokens_per_step: float, cache: str) -> Work:
+def request_work(seq_len: int, remaining: int, block_size: int, tokens_per_step: float, cache: str,
+                 kv_retention: float | None = None) -> Work:
     """Work to decide the last ``remaining`` positions of a ``seq_len`` sequence: per block one
     refresh of the whole sequence, then reuse steps over the block (dual), block + suffix
-    (prefix) or the whole sequence (none)."""
+    (prefix) or the whole sequence (none). With sparse KV (``kv_retention``, dual cache) a
+    reuse step reads the kept share of the positions outside the block, and the block."""
     if cache == "exact":
         return _exact_work(seq_len, remaining, block_size, tokens_per_step)
-    steps = tokens = queries = 0.0
+    if kv_retention is None:
+        steps = tokens = queries = 0.0
+        while remaining > 0:
+            block = min(block_size, remaining)
+            block_steps = max(1, int(np.ceil(block / tokens_per_step)))
+            reuse = {"none": seq_len, "prefix": remaining}.get(cache, block)
+            steps += block_steps
+            tokens += seq_len + (block_steps - 1) * reuse
+            queries += _block_queries(block, block_steps, tokens_per_step)
+            remaining -= block
+        return Work(steps, tokens, steps * seq_len, tokens * seq_len, queries)
+    steps = tokens = context = pairs = queries = 0.0
     while remaining > 0:
         block = min(block_size, remaining)
         block_steps = max(1, int(np.ceil(block / tokens_per_step)))
-        reuse = {"none": seq_len, "prefix": remaining}.get(cache, block)
+        read = block + float(np.ceil(kv_retention * (seq_len - block)))  # keys of a reuse step
         steps += block_steps
-        tokens += seq_len + (block_steps - 1) * reuse
+        tokens += seq_len + (block_steps - 1) * block
+        context += seq_len + (block_steps - 1) * read
+        pairs += seq_len * seq_len + (block_steps - 1) * block * read
         queries += _block_queries(block, block_steps, tokens_per_step)
         remaining -= block
-    return Work(steps, tokens, steps * seq_len, tokens * seq_len, queries)
+    return Work(steps, tokens, context, pairs, queries)
 
 
 def _block_queries(block: int, block_steps: int, tokens_per_step: float) -> float:

@@ -50,6 +50,7 @@ class ModelRunner:
                                   self.spec.mask_token_id, ops=self.block_ops) if use_graphs else None
         self._generators: dict[str, torch.Generator] = {}
         self._key_layouts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._jobs: list = []  # the sparse-KV selections of the step being built
 
     def generator_for(self, request: Request) -> torch.Generator:
         gen = self._generators.get(request.request_id)
@@ -86,13 +87,19 @@ class ModelRunner:
         # whose slots padded keys name but never read: key_valid masks them).
         num_pages = max(len(t) for t in tables)
         page_table = torch.tensor([t + [0] * (num_pages - len(t)) for t in tables])
-        page_of_key, offset_in_page = self._key_layout(l_max)
-        key_index = page_table.index_select(1, page_of_key).mul_(self.page_size).add_(offset_in_page)
+        sparse = [i for i, item in enumerate(items) if item.request.params.is_sparse_kv]
+        if sparse:  # some keys are not positions 0 .. n - 1: see _sparse_keys
+            key_index, key_lens, slots, self._jobs = self._sparse_keys(items, sparse, page_table, key_lens, packed)
+            l_max = max(key_lens)
+        else:
+            page_of_key, offset_in_page = self._key_layout(l_max)
+            key_index = page_table.index_select(1, page_of_key).mul_(self.page_size).add_(offset_in_page)
+            slots = key_index[packed[2], packed[1]]
+            self._jobs = []
         if all(n == l_max for n in key_lens):
             key_valid = torch.ones(num_req, l_max, dtype=torch.bool)
         else:
             key_valid = torch.arange(l_max).unsqueeze(0) < torch.tensor(key_lens).unsqueeze(1)
-        slots = key_index[packed[2], packed[1]]
         # Each request's queries are a run of the packed tokens, in request order.
         if all(n == q_max for n in q_counts):
             query_index = torch.arange(num_tokens).view(num_req, q_max)
@@ -109,14 +116,51 @@ class ModelRunner:
                          causal_block_size=self.spec.causal_block_size)
         return StepInputs(packed[0], packed[1], slots, query_index, query_valid, key_index, key_valid), extra
 
+    def _sparse_keys(self, items, sparse: list[int], page_table: torch.Tensor, key_lens: list[int],
+                     packed: torch.Tensor):
+        """Key slots when some requests use sparse KV. A request's logical KV positions are its
+        sequence, then its sparse region; a sparse reuse step reads the region's first
+        ``sparse_count`` slots and the block's positions, a dense request positions 0 .. n - 1.
+        Returns (key_index [R, L], key lengths, the packed tokens' slots, selection jobs of the
+        step's sparse refreshes)."""
+        from dilaserve.engine.sparse_kv import SelectionJob
+
+        extent = max(max(key_lens), max(items[i].request.kv_tokens for i in sparse))
+        page_of_key, offset_in_page = self._key_layout(extent)
+        dense = page_table.index_select(1, page_of_key).mul_(self.page_size).add_(offset_in_page)
+        slots = dense[packed[2], packed[1]]
+        key_lens = list(key_lens)
+        rows = {}
+        for i in sparse:
+            item = items[i]
+            r = item.request
+            if item.uses_sparse_kv:
+                rows[i] = [*range(r.seq_len, r.seq_len + r.sparse_count), *range(*r.sparse_window)]
+                key_lens[i] = len(rows[i])
+        l_max = max(key_lens)
+        logical = torch.arange(l_max).repeat(len(items), 1)
+        for i, row in rows.items():
+            logical[i, :len(row)] = torch.tensor(row)
+            logical[i, len(row):] = 0
+        key_index = dense.gather(1, logical.clamp_(max=extent - 1))
+        jobs, row_start = [], 0
+        for i, item in enumerate(items):
+            r = item.request
+            if item.is_refresh and r.params.is_sparse_kv:
+                jobs.append(SelectionJob(
+                    row_start, r.seq_len, *r.sparse_window, r.sparse_keep(), r.params.kv_smoothing,
+                    dense[i, r.seq_len:r.seq_len + r.sparse_capacity].to(self.device)))
+            row_start += item.num_tokens
+        return key_index, key_lens, slots, jobs
+
     def _forward(self, plan: StepPlan) -> torch.Tensor:
         inputs, extra = self._build(plan)
         eager = any(item.is_refresh for item in plan.items)  # refresh steps are large: no graphs
         if self.tp is not None:
             self.tp.send_step(inputs, extra, eager)
-        return self.forward_inputs(inputs, extra, eager)
+        return self.forward_inputs(inputs, extra, eager, self._jobs)
 
-    def forward_inputs(self, inputs: StepInputs, extra: dict, eager: bool) -> torch.Tensor:
+    def forward_inputs(self, inputs: StepInputs, extra: dict, eager: bool, jobs=()) -> torch.Tensor:
         """Hidden states of the packed tokens (``inputs`` on the CPU): from a CUDA graph when
         one applies and ``eager`` is off, else eagerly. Tensor-parallel workers run each step
         through here with rank 0's inputs, so every rank takes the same path."""
@@ -129,6 +173,10 @@ class ModelRunner:
             extra = dict(extra, query_positions=extra["query_positions"].to(self.device))
         attn = self.attention_cls(self.cache, dev.slot_mapping, dev.query_index, dev.query_valid,
                                   dev.key_slots, dev.key_valid, **extra)
+        if jobs:  # sparse-KV refreshes: each layer also selects what each head keeps
+            from dilaserve.engine.sparse_kv import SparseSelectingAttention
+
+            attn = SparseSelectingAttention(attn, self.cache, list(jobs))
         return self.model(dev.input_ids, dev.positions, attn, self.block_ops)
 
     def _key_layout(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:

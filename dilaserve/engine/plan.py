@@ -28,10 +28,21 @@ class ScheduledRequest:
         return self.compute_end - self.compute_start
 
     @property
+    def uses_sparse_kv(self) -> bool:
+        """A reuse step of a sparse-KV request: its keys are the kept positions and the block."""
+        r = self.request
+        return r.params.is_sparse_kv and not self.is_refresh and r.has_cache
+
+    @property
     def num_context_tokens(self) -> int:
         """Keys and values the step reads: the whole sequence, except with the exact cache of
-        block-causal models, whose queries see nothing past their block."""
-        return self.compute_end if self.request.params.cache == "exact" else self.request.seq_len
+        block-causal models, whose queries see nothing past their block, and with sparse KV
+        (the positions kept at the last refresh, then the block)."""
+        r = self.request
+        if self.uses_sparse_kv:
+            start, end = r.sparse_window
+            return r.sparse_count + end - start
+        return self.compute_end if r.params.cache == "exact" else r.seq_len
 
 
 class StepPlan:

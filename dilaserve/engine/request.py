@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 from dilaserve.engine.sampling_params import RequestCounters, SamplingParams
@@ -57,6 +58,12 @@ class Request:
     first_token_s: float | None = None
     predicted_s: float | None = None  # seconds to finish the engine predicted when it took the request
     predicted_load: int = 0  # requests admitted or queued when it was taken (see prediction_scale)
+    # Sparse KV: out-of-block positions each KV head kept at the last refresh (the first slots
+    # of the request's sparse region, after its sequence in the page table).
+    sparse_count: int = 0
+    # Positions before the block that a reuse step computes (1 where logits are shifted: Dream
+    # reads position p from p - 1): with sparse KV they are read fresh, never kept.
+    window_lead: int = 0
 
     def __post_init__(self) -> None:
         if not self.canvas:
@@ -66,6 +73,30 @@ class Request:
         if self.block_origin is None:
             self.block_origin = self.prompt_len
         self.num_masked_at_block_start = len(self.masked_in_block())
+
+    @property
+    def sparse_capacity(self) -> int:
+        """KV slots of the sparse region (0 when dense): room for the most a refresh keeps."""
+        r = self.params.kv_retention
+        return 0 if r is None else math.ceil(r * self.seq_len)
+
+    @property
+    def kv_tokens(self) -> int:
+        """KV slots the request's pages hold: its sequence, then its sparse region."""
+        return self.seq_len + self.sparse_capacity
+
+    @property
+    def sparse_window(self) -> tuple[int, int]:
+        """Positions a sparse reuse step reads from the sequence itself: the block, and the
+        ``window_lead`` positions before it. A refresh keeps a share of the others."""
+        return max(0, self.block_start - self.window_lead), self.block_end
+
+    def sparse_keep(self) -> int:
+        """Positions per KV head a refresh now keeps: the retention share of those outside the
+        window (at least one when there are any)."""
+        start, end = self.sparse_window
+        outside = self.seq_len - (end - start)
+        return min(self.sparse_capacity, math.ceil(self.params.kv_retention * outside)) if outside > 0 else 0
 
     def set_status(self, status: RequestStatus) -> None:
         if not self.status.can_become(status):

@@ -48,6 +48,16 @@ class SamplingParams:
     # Load control: the engine may lower this request's threshold down to this floor when it
     # runs late (None: never lower it).
     threshold_floor: float | None = None
+    # Head-centric sparse KV (dLLM-Serve; dual cache, bidirectional models): at each refresh
+    # every KV head keeps this share of the positions outside the current block, those the
+    # block's queries attend to most (scores averaged over ``kv_smoothing`` neighbouring
+    # positions); reuse steps read only them and the block. None: dense.
+    kv_retention: float | None = None
+    kv_smoothing: int = 5
+
+    @property
+    def is_sparse_kv(self) -> bool:
+        return self.kv_retention is not None
 
     @property
     def num_blocks(self) -> int:
@@ -114,6 +124,15 @@ class SamplingParams:
             )
         if self.decodes_whole_blocks and (self.chunk_size or self.max_chunk or self.block_size) != self.block_size:
             raise InvalidRequestError("fixed-steps and Dream schedules decode whole blocks: chunk size must equal block_size")
+        if self.kv_retention is not None:
+            if not (0.0 < self.kv_retention <= 1.0):
+                raise InvalidRequestError(f"kv_retention must be in (0, 1], got {self.kv_retention}")
+            if self.cache != "dual":
+                raise InvalidRequestError(f"kv_retention needs cache 'dual', got {self.cache!r}")
+            if self.refresh_interval:
+                raise InvalidRequestError("kv_retention selects at block-start refreshes: refresh_interval must be 0")
+        if self.kv_smoothing < 1 or self.kv_smoothing % 2 == 0:
+            raise InvalidRequestError(f"kv_smoothing must be an odd number >= 1, got {self.kv_smoothing}")
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop strings must be non-empty")
         if self.seed is not None and not (-(2**63) <= self.seed < 2**64):

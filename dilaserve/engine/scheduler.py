@@ -138,12 +138,12 @@ class Scheduler:
             if self._fits(plan, item):
                 self._add(plan, item)
         for request in ordered:
-            if len(self.running) >= self.config.max_running or not self.allocator.can_allocate(request.seq_len):
+            if len(self.running) >= self.config.max_running or not self.allocator.can_allocate(request.kv_tokens):
                 break
             item = self._item(request, chunks[request.request_id])
             if not self._fits(plan, item):
                 break
-            request.pages = self.allocator.allocate(request.seq_len)
+            request.pages = self.allocator.allocate(request.kv_tokens)
             request.set_status(RequestStatus.RUNNING)
             self.waiting.remove(request)
             self.running.append(request)
@@ -169,6 +169,8 @@ class Scheduler:
                 counters.num_refresh_steps += 1
                 request.has_cache = request.params.cache != "none"
                 request.dirty_until = -1
+                if request.params.is_sparse_kv:  # the runner kept this many per head
+                    request.sparse_count = request.sparse_keep()
             # Exact cache: this step computed everything before the block with committed tokens.
             request.cached_until = request.block_start
             request.commit(list(decision.positions), list(decision.tokens))

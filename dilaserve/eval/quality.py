@@ -32,6 +32,7 @@ class QualityPoint:
     accuracy_ci: tuple[float, float]  # 95% Wilson interval
     tokens_per_step: float  # decided positions per step, over all requests
     mean_steps: float  # forwards per request
+    kv_retention: float | None = None  # sparse KV's retention (None: dense)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,23 +87,24 @@ def decode_and_score(
 def evaluate(
     engine: Engine, tokenizer, *, task: str = "arith", split: str = "test", num: int = 200, seed: int = 0,
     max_tokens: int = 64, block_size: int = 32, threshold: float | None = 0.9, steps: int | None = None,
-    chunk: int | None = None, cache: str = "dual", progress: bool = True,
+    chunk: int | None = None, cache: str = "dual", progress: bool = True, kv_retention: float | None = None,
 ) -> QualityPoint:
     """Decodes ``num`` problems of the split in one continuous batch and scores them."""
     problems = get_task(task).examples(split, num, seed)
     eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
     params = SamplingParams(max_tokens=max_tokens, block_size=block_size, threshold=threshold, steps=steps,
-                            chunk_size=chunk, cache=cache,
+                            chunk_size=chunk, cache=cache, kv_retention=kv_retention,
                             stop_token_ids=(eot,) if isinstance(eot, int) and eot >= 0 else ())
     tally = decode_and_score(
         engine, [encode_prompt(tokenizer, p.prompt) for p in problems], problems,
         lambda ids: tokenizer.decode(ids, skip_special_tokens=True), task, params, progress=progress,
-        label=f"eval {task} t={threshold} chunk={chunk or block_size}",
+        label=f"eval {task} t={threshold} chunk={chunk or block_size}"
+              + (f" kv_retention={kv_retention}" if kv_retention is not None else ""),
     )
     return QualityPoint(
         task=task, split=split, threshold=None if steps else threshold, steps=steps, chunk=chunk or block_size,
         block_size=block_size, cache=cache, num=num, accuracy=tally.correct / num if num else 0.0,
         accuracy_ci=wilson_interval(tally.correct, num),
         tokens_per_step=tally.tokens_decided / tally.steps if tally.steps else 0.0,
-        mean_steps=tally.steps / num if num else 0.0,
+        mean_steps=tally.steps / num if num else 0.0, kv_retention=kv_retention,
     )

@@ -70,6 +70,7 @@ class _GenerationRequest(StrictBody):
     min_chunk: int | None = Field(None, ge=1)
     max_chunk: int | None = Field(None, ge=1)
     cache: Literal["none", "prefix", "dual"] | None = None
+    kv_retention: float | None = Field(None, gt=0, le=1)  # head-centric sparse KV (dual cache)
     # DiLaServe's service-level fields.
     deadline_ms: float | None = Field(None, gt=0)  # end-to-end, from arrival
     ttft_ms: float | None = Field(None, gt=0)
@@ -243,6 +244,7 @@ def to_sampling_params(
         stop_token_ids=tuple(stop_token_ids) + tuple(req.stop_token_ids or ()),
         seed=req.seed,
         threshold_floor=None if req.steps is not None else floor,
+        kv_retention=req.kv_retention,
     )
     check_params(params)
     return params

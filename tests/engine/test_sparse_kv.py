@@ -1,0 +1,103 @@
+"""Head-centric sparse KV: at retention 1.0 it is the dense dual cache, token for token; below,
+each head keeps its own positions, reuse steps read fewer keys, and requests still decode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dilaserve.engine.sampling_params import SamplingParams
+from dilaserve.engine.sparse_kv import copy_kept, kept_positions
+from dilaserve.errors import InvalidRequestError
+from dilaserve.models.paged_attention import PagedKVCache
+from tests.engine.helpers import make_prompts, new_engine, run_to_completion
+
+
+def _run(model, prompts, **params):
+    requests = [(f"r{i}", p, SamplingParams(max_tokens=24 if i % 2 else 32, block_size=8, seed=i, cache="dual",
+                                            **params)) for i, p in enumerate(prompts)]
+    return run_to_completion(new_engine(model), requests)
+
+
+@pytest.mark.parametrize("model_name", ["llada", "dream"])
+@pytest.mark.parametrize("decoding", [dict(threshold=0.7), dict(steps=24)])
+def test_retention_one_reproduces_the_dense_dual_cache(model_name, decoding, request):
+    model = request.getfixturevalue(model_name)
+    prompts = make_prompts(6, seed=21)
+    dense = _run(model, prompts, **decoding)
+    sparse = _run(model, prompts, kv_retention=1.0, kv_smoothing=3, **decoding)
+    assert {r: d[0] for r, d in sparse.items()} == {r: d[0] for r, d in dense.items()}
+
+
+def test_half_retention_reads_fewer_keys_and_still_decodes(llada):
+    prompts = make_prompts(4, seed=3, lo=40, hi=60)
+    engine = new_engine(llada)
+    params = SamplingParams(max_tokens=32, block_size=8, threshold=0.9, cache="dual", kv_retention=0.5)
+    for i, p in enumerate(prompts):
+        engine.add(engine.make_request(f"s{i}", p, params))
+    reads = []
+    while engine.has_work():
+        outputs, plan = engine.begin_step()
+        if plan:
+            for item in plan.items:
+                if item.uses_sparse_kv:
+                    r = item.request
+                    # the kept half of what lies outside the block, then the block
+                    assert r.sparse_count == -(-(r.seq_len - (r.block_end - r.block_start)) // 2)  # LLaDA: no lead
+                    reads.append((item.num_context_tokens, r.seq_len))
+            engine.end_step(plan, engine.runner.run(plan))
+    assert reads and all(n < seq for n, seq in reads)
+    assert engine.allocator.num_free == engine.allocator.num_pages  # sparse regions freed too
+
+
+def test_each_head_keeps_the_positions_its_block_attends_to():
+    torch.manual_seed(0)
+    seq, block = (20, 28), (8, 12)
+    k = torch.randn(seq[1], 2, 4) * 0.1
+    q = torch.zeros(4, 4, 4)  # 4 block queries, 4 query heads over 2 KV heads
+    # Head 0's queries point at the keys of positions 2 and 3; head 1's at 25.
+    k[2, 0] = k[3, 0] = torch.tensor([8.0, 0, 0, 0])
+    k[25, 1] = torch.tensor([0, 8.0, 0, 0])
+    q[:, 0:2, 0] = 1.0
+    q[:, 2:4, 1] = 1.0
+    kept = kept_positions(q, k, *block, keep=2, smoothing=1)
+    assert kept[0].tolist() == [2, 3]
+    assert 25 in kept[1].tolist()
+    assert not any(block[0] <= p < block[1] for p in kept.flatten().tolist())  # never the block itself
+    assert (kept.diff(dim=-1) > 0).all()  # ascending
+    # Smoothing spreads a peak's score to its neighbours: a lone peak's neighbour beats a far key.
+    smooth = kept_positions(q, k, *block, keep=3, smoothing=3)
+    assert set(smooth[1].tolist()) >= {24, 25, 26}
+    # The copy: slot j of head h holds head h's j-th kept position.
+    cache = PagedKVCache(1, 4, 4, 2, 4, torch.float32, "cpu")
+    dst = torch.tensor([5, 6])
+    v = torch.randn_like(k)
+    copy_kept(cache, 0, k, v, kept, dst)
+    for h in range(2):
+        for j, p in enumerate(kept[h].tolist()):
+            assert torch.equal(cache.k[0][dst[j], h], k[p, h]) and torch.equal(cache.v[0][dst[j], h], v[p, h])
+
+
+def test_sparse_kv_settings_are_checked(llada, sdar):
+    engine = new_engine(llada)
+    for bad, says in ((dict(kv_retention=0.0), "kv_retention must be in"), (dict(kv_retention=1.5), "kv_retention"),
+                      (dict(kv_retention=0.5, cache="prefix"), "needs cache 'dual'"),
+                      (dict(kv_retention=0.5, refresh_interval=2), "refresh_interval"),
+                      (dict(kv_smoothing=4), "odd")):
+        with pytest.raises(InvalidRequestError, match=says):
+            engine.make_request("x", [1, 2], SamplingParams(max_tokens=8, block_size=8, **bad))
+    with pytest.raises(InvalidRequestError, match="block-causal"):
+        new_engine(sdar).make_request("x", [1, 2], SamplingParams(max_tokens=8, block_size=4, cache="dual",
+                                                                   kv_retention=0.5))
+
+
+def test_cost_model_prices_the_keys_sparse_reuse_steps_read():
+    from dilaserve.engine.cost_model import request_work
+
+    dense = request_work(600, 64, 32, 4.0, "dual")
+    assert request_work(600, 64, 32, 4.0, "dual", kv_retention=1.0) == dense
+    half = request_work(600, 64, 32, 4.0, "dual", kv_retention=0.5)
+    assert (half.steps, half.tokens, half.queries) == (dense.steps, dense.tokens, dense.queries)
+    # 2 refreshes read 600 keys, 14 reuse steps read 32 + 284
+    assert half.context_tokens == 2 * 600 + 14 * (32 + 284)
+    assert half.context_tokens < dense.context_tokens and half.pairs < dense.pairs
