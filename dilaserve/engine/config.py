@@ -41,6 +41,10 @@ class EngineConfig:
     cuda_graphs: bool = True
     # Ranks the model is split over (tensor_parallel.py); on GPUs one GPU each.
     tensor_parallel: int = 1
+    # Sparse KV (kv_retention requests): KV slots, beside the page pool, where refresh steps keep
+    # the prompt's keys and values while each head selects; a request whose prompt fits then
+    # holds pages only for its generated positions and its sparse region. 0: prompts keep pages.
+    sparse_scratch_tokens: int = 0
     # A quality profile (``dilaserve profile quality`` JSON) whose tokens decided per step seed
     # the engine's estimate for each threshold; None: the model directory's
     # ``quality_profile.json`` when there is one.

@@ -116,7 +116,8 @@ class EngineCore:
             )
         if params.is_sparse_kv and not self.supports_sparse_kv:
             raise InvalidRequestError("kv_retention is not supported on this replica (tensor parallel)")
-        kv_tokens = seq_len + (math.ceil(params.kv_retention * seq_len) if params.is_sparse_kv else 0)
+        kv_offset = self._kv_offset(len(prompt_ids), params)
+        kv_tokens = seq_len - kv_offset + (math.ceil(params.kv_retention * seq_len) if params.is_sparse_kv else 0)
         if self.allocator.pages_for(kv_tokens) > self.allocator.num_pages:
             raise InvalidRequestError(
                 f"the request needs {kv_tokens} tokens of KV cache; this replica holds {self.allocator.num_pages * self.allocator.page_size}"
@@ -129,8 +130,17 @@ class EngineCore:
             request_id, list(prompt_ids), params, self.spec.mask_token_id, stop_ids, self.clock(),
             deadline_s, threshold=threshold,
             block_origin=block_origin(len(prompt_ids), self.spec.causal_block_size),
-            window_lead=1 if self.spec.shift_logits else 0,
+            window_lead=1 if self.spec.shift_logits else 0, kv_offset=kv_offset,
         )
+
+    def _kv_offset(self, prompt_len: int, params: SamplingParams) -> int:
+        """Positions of a sparse-KV request that live only in refresh steps' scratch slots: its
+        prompt (less the position a shifted-logit reuse step reads), when it fits the scratch."""
+        lead = 1 if self.spec.shift_logits else 0
+        transient = prompt_len - lead
+        if params.is_sparse_kv and 0 < transient <= self.config.sparse_scratch_tokens:
+            return transient
+        return 0
 
     def add(self, request: Request) -> None:
         with self._lock:

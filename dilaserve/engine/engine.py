@@ -39,7 +39,8 @@ class Engine(EngineCore):
         num_pages = num_pages_for(config, model)
         if tp is not None:
             tp.setup(num_pages)
-        runner = ModelRunner(model, num_pages, config.page_size, config.kernels, config.cuda_graphs, tp=tp)
+        runner = ModelRunner(model, num_pages, config.page_size, config.kernels, config.cuda_graphs, tp=tp,
+                             sparse_scratch_tokens=config.sparse_scratch_tokens)
         memory = StepMemoryModel.for_spec(
             model.spec, next(model.parameters()).element_size(), fused_logits=runner.fast_path is not None,
             padded_attention=runner.attention_cls is PagedAttention)

@@ -26,7 +26,7 @@ class ModelRunner:
     model is then rank 0's shard: ``model.tensor_parallel`` = (rank, degree))."""
 
     def __init__(self, model: DiffusionLM, num_pages: int, page_size: int, kernels: str = "auto",
-                 cuda_graphs: bool = True, tp=None):
+                 cuda_graphs: bool = True, tp=None, sparse_scratch_tokens: int = 0):
         self.model = model
         self.spec = model.spec
         self.tp = tp
@@ -41,8 +41,12 @@ class ModelRunner:
         # write a scratch page past the pool the allocator hands out.
         use_graphs = (cuda_graphs and self.fast_path is not None and self.device.type == "cuda"
                       and not self.spec.causal_block_size)
+        # Sparse-KV refreshes keep prompts' keys and values in scratch slots past the pool (and
+        # past the graphs' scratch page) for the step only.
+        scratch_pages = -(-sparse_scratch_tokens // page_size)
+        self.sparse_scratch_base = (num_pages + (1 if use_graphs else 0)) * page_size
         self.cache = PagedKVCache(
-            self.spec.num_layers, num_pages + (1 if use_graphs else 0), page_size,
+            self.spec.num_layers, num_pages + (1 if use_graphs else 0) + scratch_pages, page_size,
             self.spec.num_kv_heads // self.tp_degree, self.spec.head_dim, self.dtype, self.device,
         )
         self.block_ops = self.fast_path.block_ops if self.fast_path else None
@@ -118,40 +122,44 @@ class ModelRunner:
 
     def _sparse_keys(self, items, sparse: list[int], page_table: torch.Tensor, key_lens: list[int],
                      packed: torch.Tensor):
-        """Key slots when some requests use sparse KV. A request's logical KV positions are its
-        sequence, then its sparse region; a sparse reuse step reads the region's first
-        ``sparse_count`` slots and the block's positions, a dense request positions 0 .. n - 1.
+        """Key slots when some requests use sparse KV. A sparse request's pages hold its
+        positions from ``kv_offset`` on (logical index = position - kv_offset), then its sparse
+        region; positions below ``kv_offset`` get scratch slots in the refresh steps that
+        compute them. A sparse reuse step reads the region's first ``sparse_count`` slots and
+        the window; a refresh, every position; a dense request, positions 0 .. n - 1.
         Returns (key_index [R, L], key lengths, the packed tokens' slots, selection jobs of the
         step's sparse refreshes)."""
         from dilaserve.engine.sparse_kv import SelectionJob
 
-        extent = max(max(key_lens), max(items[i].request.kv_tokens for i in sparse))
+        is_sparse = set(sparse)
+        extent = max(items[i].request.kv_tokens if i in is_sparse else key_lens[i] for i in range(len(items)))
         page_of_key, offset_in_page = self._key_layout(extent)
         dense = page_table.index_select(1, page_of_key).mul_(self.page_size).add_(offset_in_page)
-        slots = dense[packed[2], packed[1]]
-        key_lens = list(key_lens)
-        rows = {}
-        for i in sparse:
-            item = items[i]
-            r = item.request
-            if item.uses_sparse_kv:
-                rows[i] = [*range(r.seq_len, r.seq_len + r.sparse_count), *range(*r.sparse_window)]
-                key_lens[i] = len(rows[i])
-        l_max = max(key_lens)
-        logical = torch.arange(l_max).repeat(len(items), 1)
-        for i, row in rows.items():
-            logical[i, :len(row)] = torch.tensor(row)
-            logical[i, len(row):] = 0
-        key_index = dense.gather(1, logical.clamp_(max=extent - 1))
-        jobs, row_start = [], 0
+        key_rows, token_slots, jobs = [], [], []
+        scratch, row_start = self.sparse_scratch_base, 0
         for i, item in enumerate(items):
             r = item.request
-            if item.is_refresh and r.params.is_sparse_kv:
-                jobs.append(SelectionJob(
-                    row_start, r.seq_len, *r.sparse_window, r.sparse_keep(), r.params.kv_smoothing,
-                    dense[i, r.seq_len:r.seq_len + r.sparse_capacity].to(self.device)))
+            if i not in is_sparse:
+                key_rows.append(dense[i, :key_lens[i]])
+                token_slots.append(dense[i, item.compute_start:item.compute_end])
+            else:
+                off, base = r.kv_offset, r.seq_len - r.kv_offset
+                transient = torch.arange(scratch, scratch + item.num_transient_tokens)
+                scratch += item.num_transient_tokens
+                if item.uses_sparse_kv:
+                    ws, we = r.sparse_window
+                    key_rows.append(torch.cat((dense[i, base:base + r.sparse_count], dense[i, ws - off:we - off])))
+                else:  # a refresh: the whole sequence
+                    key_rows.append(torch.cat((transient, dense[i, :base])))
+                lo, hi = item.compute_start, item.compute_end
+                token_slots.append(torch.cat((transient[lo:min(hi, off)], dense[i, max(lo, off) - off:hi - off])))
+                if item.is_refresh:
+                    jobs.append(SelectionJob(row_start, r.seq_len, *r.sparse_window, r.sparse_keep(),
+                                             r.params.kv_smoothing,
+                                             dense[i, base:base + r.sparse_capacity].to(self.device)))
             row_start += item.num_tokens
-        return key_index, key_lens, slots, jobs
+        key_index = torch.nn.utils.rnn.pad_sequence(key_rows, batch_first=True)
+        return key_index, [len(k) for k in key_rows], torch.cat(token_slots), jobs
 
     def _forward(self, plan: StepPlan) -> torch.Tensor:
         inputs, extra = self._build(plan)

@@ -34,6 +34,12 @@ class ScheduledRequest:
         return r.params.is_sparse_kv and not self.is_refresh and r.has_cache
 
     @property
+    def num_transient_tokens(self) -> int:
+        """Tokens whose keys and values live in the runner's scratch slots for this step only
+        (a sparse-KV refresh's positions below ``kv_offset``)."""
+        return self.request.kv_offset if self.is_refresh else 0
+
+    @property
     def num_context_tokens(self) -> int:
         """Keys and values the step reads: the whole sequence, except with the exact cache of
         block-causal models, whose queries see nothing past their block, and with sparse KV
@@ -53,11 +59,13 @@ class StepPlan:
         self.num_tokens = 0
         self.num_refresh_tokens = 0
         self.num_context_tokens = 0  # keys and values read (ScheduledRequest.num_context_tokens)
+        self.num_transient_tokens = 0  # scratch slots the step needs (ScheduledRequest.num_transient_tokens)
 
     def add(self, item: ScheduledRequest) -> None:
         self.items.append(item)
         self.num_tokens += item.num_tokens
         self.num_context_tokens += item.num_context_tokens
+        self.num_transient_tokens += item.num_transient_tokens
         if item.is_refresh:
             self.num_refresh_tokens += item.num_tokens
 

@@ -64,6 +64,10 @@ class Request:
     # Positions before the block that a reuse step computes (1 where logits are shifted: Dream
     # reads position p from p - 1): with sparse KV they are read fresh, never kept.
     window_lead: int = 0
+    # Sparse KV with a scratch region: positions below this have no pages of their own; their
+    # keys and values exist only in refresh steps (in the runner's scratch slots), and reuse
+    # steps see them only through the sparse region. 0: every position has its slot.
+    kv_offset: int = 0
 
     def __post_init__(self) -> None:
         if not self.canvas:
@@ -82,8 +86,9 @@ class Request:
 
     @property
     def kv_tokens(self) -> int:
-        """KV slots the request's pages hold: its sequence, then its sparse region."""
-        return self.seq_len + self.sparse_capacity
+        """KV slots the request's pages hold: its sequence from ``kv_offset``, then its sparse
+        region."""
+        return self.seq_len - self.kv_offset + self.sparse_capacity
 
     @property
     def sparse_window(self) -> tuple[int, int]:

@@ -97,6 +97,8 @@ class Scheduler:
             return False
         if self._memory_tally is not None and not self._memory_tally.fits(item):
             return False
+        if plan.num_transient_tokens + item.num_transient_tokens > self.config.sparse_scratch_tokens:
+            return False  # sparse-KV refreshes share the runner's scratch slots
         if item.is_refresh and plan.num_refresh_tokens > 0:
             if plan.num_refresh_tokens + item.num_tokens > self.config.max_refresh_tokens:
                 return False

@@ -3,6 +3,8 @@ each head keeps its own positions, reuse steps read fewer keys, and requests sti
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -13,20 +15,42 @@ from dilaserve.models.paged_attention import PagedKVCache
 from tests.engine.helpers import make_prompts, new_engine, run_to_completion
 
 
-def _run(model, prompts, **params):
+def _run(model, prompts, scratch=0, **params):
     requests = [(f"r{i}", p, SamplingParams(max_tokens=24 if i % 2 else 32, block_size=8, seed=i, cache="dual",
                                             **params)) for i, p in enumerate(prompts)]
-    return run_to_completion(new_engine(model), requests)
+    return run_to_completion(new_engine(model, sparse_scratch_tokens=scratch), requests)
 
 
 @pytest.mark.parametrize("model_name", ["llada", "dream"])
 @pytest.mark.parametrize("decoding", [dict(threshold=0.7), dict(steps=24)])
-def test_retention_one_reproduces_the_dense_dual_cache(model_name, decoding, request):
+@pytest.mark.parametrize("scratch", [0, 40])  # 40: some prompts live in scratch slots, a step holds two
+def test_retention_one_reproduces_the_dense_dual_cache(model_name, decoding, scratch, request):
     model = request.getfixturevalue(model_name)
     prompts = make_prompts(6, seed=21)
     dense = _run(model, prompts, **decoding)
-    sparse = _run(model, prompts, kv_retention=1.0, kv_smoothing=3, **decoding)
+    sparse = _run(model, prompts, scratch=scratch, kv_retention=1.0, kv_smoothing=3, **decoding)
     assert {r: d[0] for r, d in sparse.items()} == {r: d[0] for r, d in dense.items()}
+
+
+def test_with_a_scratch_region_prompts_hold_no_pages(llada):
+    prompt_len, gen = 200, 32
+    params = SamplingParams(max_tokens=gen, block_size=8, threshold=0.9, cache="dual", kv_retention=0.5)
+    dense_engine, sparse_engine = new_engine(llada), new_engine(llada, sparse_scratch_tokens=256)
+    used = {}
+    for name, engine, p in (("dense", dense_engine, dataclasses.replace(params, kv_retention=None)),
+                            ("sparse", sparse_engine, params)):
+        request = engine.make_request(name, list(range(3, 3 + prompt_len)), p)
+        engine.add(request)
+        engine.step()
+        used[name] = engine.allocator.num_pages - engine.allocator.num_free
+        assert request.kv_offset == (prompt_len if name == "sparse" else 0)
+        while engine.has_work():
+            engine.step()
+        assert engine.allocator.num_free == engine.allocator.num_pages
+    # dense: 232 positions; sparse: 32 generated + ceil(0.5 * 232) = 148 slots (8-token pages)
+    assert used == {"dense": 29, "sparse": 19}
+    # A prompt longer than the scratch keeps its pages.
+    assert sparse_engine.make_request("long", list(range(3, 303)), params).kv_offset == 0
 
 
 def test_half_retention_reads_fewer_keys_and_still_decodes(llada):
