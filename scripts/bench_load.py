@@ -121,7 +121,7 @@ def run_point(model, args, mode: str, load: dict, acceptance: AcceptanceProfile,
         refresh_slowdown=args.refresh_slowdown, chunk_control=control, kernels=args.kernels,
         latency_profile=latency_path if control == "adaptive" or refresh == "auto" else None,
         acceptance_profile=str(args.acceptance) if control == "adaptive" else None,
-        step_memory_gib=args.step_memory_gib)
+        step_memory_gib=args.step_memory_gib, sparse_scratch_tokens=args.sparse_scratch_tokens)
     engine = Engine(model, config)
     dtype_bytes = next(model.parameters()).element_size()
     memory = StepMemoryModel.for_spec(spec, dtype_bytes, fused_logits=engine.runner.fast_path is not None,
@@ -130,7 +130,8 @@ def run_point(model, args, mode: str, load: dict, acceptance: AcceptanceProfile,
     runner = AcceptanceRunner(engine.runner, acceptance, token_id, memory, seed)
     engine.runner = runner
     params = SamplingParams(max_tokens=args.max_tokens, block_size=args.block, threshold=args.threshold,
-                            chunk_size=chunk, cache="dual", min_chunk=1, max_chunk=None)
+                            chunk_size=chunk, cache="dual", min_chunk=1, max_chunk=None,
+                            kv_retention=args.kv_retention)
     gen = torch.Generator().manual_seed(seed)
     high = min(spec.mask_token_id, spec.eos_token_id)
 
@@ -336,6 +337,10 @@ def main() -> None:
     parser.add_argument("--latency-profile", default=None, help="default: measure a quick one first")
     parser.add_argument("--reserve-gib", type=float, default=16.0, help="GPU memory kept free of KV pages")
     parser.add_argument("--budget-s", type=float, default=540.0, help="skip load points past this")
+    parser.add_argument("--kv-retention", type=float, default=None,
+                        help="head-centric sparse KV for every request (default: dense dual cache)")
+    parser.add_argument("--sparse-scratch-tokens", type=int, default=0,
+                        help="with --kv-retention: scratch slots so that prompts hold no pages")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if args.smoke:
@@ -377,7 +382,8 @@ def main() -> None:
     reuse64 = StepShape(64 * args.block, 64 * seq, 64 * args.block * seq, 64 * args.block, 64)
     date = datetime.date.today().isoformat()
     slug = "".join(ch if ch.isalnum() else "_" for ch in device_name.lower()).strip("_")
-    stem = out / f"load_{slug}_{date}{'_smoke' if args.smoke else ''}"
+    sparse = f"_kv{args.kv_retention:g}" if args.kv_retention is not None else ""
+    stem = out / f"load_{slug}_{date}{sparse}{'_smoke' if args.smoke else ''}"
     result = {
         "benchmark": "bench_load", "date": date, "device": device_name, "model": args.model_name,
         "random_weights": True, "acceptance_profile": str(args.acceptance),

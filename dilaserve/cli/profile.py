@@ -56,6 +56,8 @@ def add_parser(sub) -> None:
     lat.add_argument("--kv-memory-gib", type=float, default=None,
                      help="KV memory an instance would hold, for the planner entry (default: free memory on CUDA, 1 GiB on CPU)")
     lat.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    lat.add_argument("--kv-retention", type=float, default=None,
+                     help="time head-centric sparse KV at this retention (reuse steps read the kept share)")
     lat.add_argument("--tensor-parallel", type=_ints, default=[1],
                      help="degrees to profile, e.g. 1,2 (one GPU a rank); the planner file holds them all")
     lat.add_argument("--out", default="profiles", help="directory for latency_<model>_<device>.json and .png")
@@ -178,10 +180,12 @@ def run_latency(args: argparse.Namespace) -> int:
         contexts=tuple(args.contexts or ((256, 512, 1024) if on_gpu else (64, 128, 256))),
         phases=tuple(p for p in args.phases.split(",") if p), block_size=args.block_size,
         max_step_tokens=args.max_step_tokens, warmup=args.warmup, repeats=args.repeats,
+        kv_retention=args.kv_retention,
     )
     device_name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
     out = Path(args.out)
-    stem = f"latency_{_slug(model_name)}_{_slug(device_name)}"
+    sparse = f"_kv{args.kv_retention:g}" if args.kv_retention is not None else ""
+    stem = f"latency_{_slug(model_name)}_{_slug(device_name)}{sparse}"
     profiles = []
     for degree in args.tensor_parallel:
         tp = TensorParallelGroup(degree, source, EngineConfig(kernels=args.kernels)) if degree > 1 else None
@@ -237,6 +241,7 @@ def _profile_degree(args, model, model_name: str, device_name: str, dtype, grid,
         kv_bytes = 2**30
     meta = {"model": model_name, "device": device_name, "dtype": str(dtype).removeprefix("torch."),
             "kernels": args.kernels, "cache": "dual", "block_size": args.block_size, "tensor_parallel": degree,
+            "kv_retention": args.kv_retention,
             "date": datetime.date.today().isoformat(), "torch": torch.__version__,
             "grid": {"batch_sizes": list(grid.batch_sizes), "chunks": list(grid.chunks),
                      "contexts": list(grid.contexts), "phases": list(grid.phases),

@@ -44,6 +44,7 @@ class Grid:
     max_step_tokens: int = 16384  # points computing more token-forwards per step are skipped
     warmup: int = 2
     repeats: int = 5
+    kv_retention: float | None = None  # sparse KV (dual cache); None: dense
 
     def points(self) -> list[tuple[str, int, int, int]]:
         """(phase, batch, chunk, context) of every point to measure."""
@@ -66,23 +67,29 @@ class Grid:
         return refreshing * context + (batch - refreshing) * chunk
 
     def pages_needed(self, page_size: int) -> int:
-        return max(b for b in self.batch_sizes) * -(-max(self.contexts) // page_size)
+        extra = 1 + (self.kv_retention or 0.0)  # a sparse region after each sequence
+        return max(b for b in self.batch_sizes) * -(-int(max(self.contexts) * extra + 1) // page_size)
 
 
-def make_requests(spec, batch: int, context: int, block_size: int, num_refreshing: int, seed: int) -> list[Request]:
+def make_requests(spec, batch: int, context: int, block_size: int, num_refreshing: int, seed: int,
+                  kv_retention: float | None = None) -> list[Request]:
     """``batch`` requests of ``context`` tokens at the start of their first block: the first
-    ``num_refreshing`` about to refresh, the others holding a refreshed cache (a reuse step)."""
+    ``num_refreshing`` about to refresh, the others holding a refreshed cache (a reuse step;
+    with sparse KV, holding what a refresh keeps)."""
     generated = min(2 * block_size, context - 1)
     gen = torch.Generator().manual_seed(seed)
     high = min(spec.mask_token_id, spec.eos_token_id)
     requests = []
     for i in range(batch):
         prompt = torch.randint(0, high, (context - generated,), generator=gen).tolist()
-        params = SamplingParams(max_tokens=generated, block_size=block_size, threshold=0.9, cache="dual")
+        params = SamplingParams(max_tokens=generated, block_size=block_size, threshold=0.9, cache="dual",
+                                kv_retention=kv_retention)
         r = Request(f"profile-{i}", prompt, params, spec.mask_token_id, frozenset({spec.eos_token_id}), 0.0,
-                    threshold=0.9)
+                    threshold=0.9, window_lead=1 if spec.shift_logits else 0)
         if i >= num_refreshing:
             r.has_cache, r.step_in_block = True, 1
+            if kv_retention is not None:
+                r.sparse_count = r.sparse_keep()
         requests.append(r)
     return requests
 
@@ -109,9 +116,10 @@ def measure_grid(model: DiffusionLM, grid: Grid, page_size: int = 16, kernels: s
     allocator = PageAllocator(num_pages, page_size)
     points = []
     for n, (phase, batch, chunk, context) in enumerate(grid.points()):
-        requests = make_requests(spec, batch, context, grid.block_size, grid.num_refreshing(phase, batch), seed=n)
+        requests = make_requests(spec, batch, context, grid.block_size, grid.num_refreshing(phase, batch), seed=n,
+                                 kv_retention=grid.kv_retention)
         for r in requests:
-            r.pages = allocator.allocate(r.seq_len)
+            r.pages = allocator.allocate(r.kv_tokens)
         plan = make_plan(requests, chunk, spec.shift_logits)
         try:
             for _ in range(grid.warmup):
