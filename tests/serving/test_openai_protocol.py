@@ -133,3 +133,12 @@ def test_api_key_is_checked_when_configured():
         assert info.value.status == 401 and info.value.body()["error"]["code"] == "invalid_api_key"
     ingress.config = SimpleNamespace(http=HttpConfig(api_key=None))
     ingress._authorize(SimpleNamespace(headers={}))
+
+
+def test_sparse_kv_field():
+    assert to_sampling_params(completion(kv_retention=0.5), DEFAULTS, max_tokens=32).kv_retention == 0.5
+    assert to_sampling_params(completion(), DEFAULTS, max_tokens=32).kv_retention is None
+    with pytest.raises(ApiError, match="needs cache 'dual'") as info:
+        to_sampling_params(completion(kv_retention=0.5, cache="prefix"), DEFAULTS, max_tokens=32)
+    assert info.value.status == 400
+    assert bad(CompletionRequest, {"model": "m", "prompt": "x", "kv_retention": 0}).param == "kv_retention"
