@@ -95,7 +95,6 @@ class EngineCore:
         # Actual / predicted seconds to finish of recent requests with deadlines (see prediction_scale).
         self._prediction_ratios: deque[tuple[float, float, int]] = deque(maxlen=256)  # (finish time, ratio, load)
         self.num_finished = 0
-        self.supports_sparse_kv = True  # the runner keeps per-head sparse KV (not tensor parallel yet)
 
     # -- intake -------------------------------------------------------------------------
     def make_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -114,8 +113,6 @@ class EngineCore:
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
                 f"maximum of {self.spec.max_positions} positions"
             )
-        if params.is_sparse_kv and not self.supports_sparse_kv:
-            raise InvalidRequestError("kv_retention is not supported on this replica (tensor parallel)")
         kv_offset = self._kv_offset(len(prompt_ids), params)
         kv_tokens = seq_len - kv_offset + (math.ceil(params.kv_retention * seq_len) if params.is_sparse_kv else 0)
         if self.allocator.pages_for(kv_tokens) > self.allocator.num_pages:

@@ -47,7 +47,7 @@ class Engine(EngineCore):
         super().__init__(model.spec, config, runner, num_pages, clock, memory=memory)
         self.model = model
         self.tp = tp
-        self.supports_sparse_kv = tp is None
+
     def check_health(self) -> None:
         """Raises if the instance cannot step (a tensor-parallel worker died)."""
         if self.tp is not None:

@@ -8,6 +8,7 @@ request decodes the same alone or in any batch.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -155,8 +156,7 @@ class ModelRunner:
                 token_slots.append(torch.cat((transient[lo:min(hi, off)], dense[i, max(lo, off) - off:hi - off])))
                 if item.is_refresh:
                     jobs.append(SelectionJob(row_start, r.seq_len, *r.sparse_window, r.sparse_keep(),
-                                             r.params.kv_smoothing,
-                                             dense[i, base:base + r.sparse_capacity].to(self.device)))
+                                             r.params.kv_smoothing, dense[i, base:base + r.sparse_capacity]))
             row_start += item.num_tokens
         key_index = torch.nn.utils.rnn.pad_sequence(key_rows, batch_first=True)
         return key_index, [len(k) for k in key_rows], torch.cat(token_slots), jobs
@@ -165,7 +165,7 @@ class ModelRunner:
         inputs, extra = self._build(plan)
         eager = any(item.is_refresh for item in plan.items)  # refresh steps are large: no graphs
         if self.tp is not None:
-            self.tp.send_step(inputs, extra, eager)
+            self.tp.send_step(inputs, extra, eager, self._jobs)
         return self.forward_inputs(inputs, extra, eager, self._jobs)
 
     def forward_inputs(self, inputs: StepInputs, extra: dict, eager: bool, jobs=()) -> torch.Tensor:
@@ -184,7 +184,8 @@ class ModelRunner:
         if jobs:  # sparse-KV refreshes: each layer also selects what each head keeps
             from dilaserve.engine.sparse_kv import SparseSelectingAttention
 
-            attn = SparseSelectingAttention(attn, self.cache, list(jobs))
+            jobs = [dataclasses.replace(job, dst_slots=job.dst_slots.to(self.device)) for job in jobs]
+            attn = SparseSelectingAttention(attn, self.cache, jobs)
         return self.model(dev.input_ids, dev.positions, attn, self.block_ops)
 
     def _key_layout(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,7 +32,7 @@ class SelectionJob:
     block_end: int
     keep: int  # positions per KV head
     smoothing: int
-    dst_slots: torch.Tensor  # [>= keep] KV slots of the request's sparse region (on the device)
+    dst_slots: torch.Tensor  # [>= keep] KV slots of the request's sparse region
 
 
 def kept_positions(q_block: torch.Tensor, k_seq: torch.Tensor, block_start: int, block_end: int, keep: int,

@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 COLLECTIVE_TIMEOUT_S = 120.0  # a collective a peer never joins fails after this long
 CLOSE_TIMEOUT_S = 20.0  # how long closing waits for each teardown step
 _STOP, _STEP, _SETUP = 0, 1, 2
-_HEADER = struct.Struct("<8q")
+_HEADER = struct.Struct("<9q")
 
 
 class WorkerDiedError(RuntimeError):
@@ -102,8 +102,9 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
 
 # -- the step message -------------------------------------------------------------------------
 def pack_step(inputs: StepInputs, query_positions: torch.Tensor | None, causal_block_size: int,
-              eager: bool) -> bytes:
-    """One step's inputs (CPU tensors) as bytes: a header, the int64 arrays, the masks as bytes.
+              eager: bool, jobs=()) -> bytes:
+    """One step's inputs (CPU tensors) as bytes: a header, the int64 arrays, the masks as bytes,
+    then the sparse-KV selection jobs (each rank selects for its own heads).
     ``eager``: the step must not replay a CUDA graph (rank 0 decides from its plan)."""
     T = inputs.input_ids.shape[0]
     R, Q = inputs.query_index.shape
@@ -114,23 +115,39 @@ def pack_step(inputs: StepInputs, query_positions: torch.Tensor | None, causal_b
         longs.append(query_positions.reshape(-1))
     ints = np.concatenate([t.numpy().astype(np.int64, copy=False) for t in longs])
     masks = np.concatenate([inputs.query_valid.reshape(-1).numpy(), inputs.key_valid.reshape(-1).numpy()])
-    header = _HEADER.pack(_STEP, T, R, Q, L, causal_block_size, int(query_positions is not None), int(eager))
-    return header + ints.tobytes() + masks.astype(np.uint8, copy=False).tobytes()
+    job_ints = np.asarray([v for job in jobs for v in (
+        job.row_start, job.seq_len, job.block_start, job.block_end, job.keep, job.smoothing, len(job.dst_slots),
+        *job.dst_slots.tolist())], dtype=np.int64)
+    header = _HEADER.pack(_STEP, T, R, Q, L, causal_block_size, int(query_positions is not None), int(eager),
+                          job_ints.size)
+    return header + ints.tobytes() + masks.astype(np.uint8, copy=False).tobytes() + job_ints.tobytes()
 
 
-def unpack_step(message: bytes) -> tuple[StepInputs, dict[str, Any], bool]:
-    """The inverse of ``pack_step``: CPU tensors, the block-causal extras if any, ``eager``."""
-    _, T, R, Q, L, causal, has_qpos, eager = _HEADER.unpack_from(message)
+def unpack_step(message: bytes) -> tuple[StepInputs, dict[str, Any], bool, list]:
+    """The inverse of ``pack_step``: CPU tensors, the block-causal extras if any, ``eager``,
+    the selection jobs."""
+    from dilaserve.engine.sparse_kv import SelectionJob
+
+    _, T, R, Q, L, causal, has_qpos, eager, n_job_ints = _HEADER.unpack_from(message)
     n_ints = 3 * T + R * Q + R * L + (R * Q if has_qpos else 0)
     ints = torch.from_numpy(np.frombuffer(message, dtype=np.int64, count=n_ints, offset=_HEADER.size).copy())
-    masks = torch.from_numpy(np.frombuffer(message, dtype=np.uint8, offset=_HEADER.size + 8 * n_ints).copy())
+    n_masks = R * Q + R * L
+    masks = torch.from_numpy(np.frombuffer(message, dtype=np.uint8, count=n_masks,
+                                           offset=_HEADER.size + 8 * n_ints).copy())
     sizes = [T, T, T, R * Q, R * L] + ([R * Q] if has_qpos else [])
     parts = torch.split(ints, sizes)
     valid = masks.bool()
     inputs = StepInputs(parts[0], parts[1], parts[2], parts[3].view(R, Q), valid[: R * Q].view(R, Q),
                         parts[4].view(R, L), valid[R * Q:].view(R, L))
     extra = dict(query_positions=parts[5].view(R, Q), causal_block_size=causal) if has_qpos else {}
-    return inputs, extra, bool(eager)
+    job_ints = np.frombuffer(message, dtype=np.int64, count=n_job_ints, offset=_HEADER.size + 8 * n_ints + n_masks)
+    jobs, i = [], 0
+    while i < n_job_ints:
+        row_start, seq_len, start, end, keep, smoothing, n_dst = (int(v) for v in job_ints[i:i + 7])
+        dst = torch.from_numpy(job_ints[i + 7:i + 7 + n_dst].copy())
+        jobs.append(SelectionJob(row_start, seq_len, start, end, keep, smoothing, dst))
+        i += 7 + n_dst
+    return inputs, extra, bool(eager), jobs
 
 
 # -- rank 0's side ------------------------------------------------------------------------------
@@ -171,11 +188,11 @@ class TensorParallelGroup:
 
     def setup(self, num_pages: int) -> None:
         """Tells the workers the KV pool size rank 0 chose; they build their runners."""
-        self._send(_HEADER.pack(_SETUP, num_pages, 0, 0, 0, 0, 0, 0))
+        self._send(_HEADER.pack(_SETUP, num_pages, 0, 0, 0, 0, 0, 0, 0))
 
-    def send_step(self, inputs: StepInputs, extra: dict[str, Any], eager: bool) -> None:
+    def send_step(self, inputs: StepInputs, extra: dict[str, Any], eager: bool, jobs=()) -> None:
         self.check()
-        self._send(pack_step(inputs, extra.get("query_positions"), extra.get("causal_block_size", 0), eager))
+        self._send(pack_step(inputs, extra.get("query_positions"), extra.get("causal_block_size", 0), eager, jobs))
 
     def _send(self, message: bytes) -> None:
         for rank, conn in enumerate(self._conns, start=1):
@@ -201,7 +218,7 @@ class TensorParallelGroup:
         self._closed = True
         for conn in self._conns:
             try:
-                conn.send_bytes(_HEADER.pack(_STOP, 0, 0, 0, 0, 0, 0, 0))
+                conn.send_bytes(_HEADER.pack(_STOP, 0, 0, 0, 0, 0, 0, 0, 0))
             except OSError:
                 pass
         # The workers leave the group as they stop; NCCL's teardown may wait for every rank,
@@ -249,11 +266,12 @@ def worker_main(rank: int, degree: int, init_method: str, backend: str, source: 
             if command == _STOP:
                 return
             if command == _SETUP:
-                runner = ModelRunner(model, value, config.page_size, config.kernels, config.cuda_graphs)
+                runner = ModelRunner(model, value, config.page_size, config.kernels, config.cuda_graphs,
+                                     sparse_scratch_tokens=config.sparse_scratch_tokens)
                 continue
-            inputs, extra, eager = unpack_step(message)
+            inputs, extra, eager, jobs = unpack_step(message)
             with torch.no_grad():
-                runner.forward_inputs(inputs, extra, eager)
+                runner.forward_inputs(inputs, extra, eager, jobs)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

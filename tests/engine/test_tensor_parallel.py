@@ -15,6 +15,7 @@ from dilaserve.engine.config import EngineConfig
 from dilaserve.engine.engine import Engine, build_engine
 from dilaserve.engine.gpu.graphs import StepInputs
 from dilaserve.engine.sampling_params import SamplingParams
+from dilaserve.engine.sparse_kv import SelectionJob
 from dilaserve.engine.tensor_parallel import ModelSource, WorkerDiedError, pack_step, unpack_step
 from dilaserve.models.attention import DenseAttention
 from dilaserve.models.checkpoint import make_random_checkpoint
@@ -103,10 +104,14 @@ def test_step_message_round_trip():
                         torch.randint(0, 7, (3, 4), generator=g), torch.rand(3, 4, generator=g) > 0.5,
                         torch.randint(0, 50, (3, 9), generator=g), torch.rand(3, 9, generator=g) > 0.3)
     qpos = torch.randint(0, 30, (3, 4), generator=g)
-    for extra_in, eager in (({}, False), (dict(query_positions=qpos, causal_block_size=4), True)):
-        got, extra, got_eager = unpack_step(pack_step(inputs, extra_in.get("query_positions"),
-                                                      extra_in.get("causal_block_size", 0), eager))
+    jobs = [SelectionJob(0, 5, 2, 4, 2, 3, torch.tensor([40, 41, 42])), SelectionJob(5, 2, 0, 1, 1, 1, torch.tensor([7]))]
+    for extra_in, eager, sent_jobs in (({}, False, []), (dict(query_positions=qpos, causal_block_size=4), True, jobs)):
+        got, extra, got_eager, got_jobs = unpack_step(pack_step(inputs, extra_in.get("query_positions"),
+                                                                extra_in.get("causal_block_size", 0), eager, sent_jobs))
         assert got_eager is eager
+        assert [(j.row_start, j.seq_len, j.block_start, j.block_end, j.keep, j.smoothing, j.dst_slots.tolist())
+                for j in got_jobs] == [(j.row_start, j.seq_len, j.block_start, j.block_end, j.keep, j.smoothing,
+                                        j.dst_slots.tolist()) for j in sent_jobs]
         for a, b in zip(got.__dict__.values(), inputs.__dict__.values()):
             assert a.dtype == b.dtype and torch.equal(a, b)
         if extra_in:
@@ -128,12 +133,13 @@ def _decode(engine, prompts, params):
     return tokens
 
 
-@pytest.mark.parametrize("family", ["llada", "dream"])
-def test_two_process_gloo_engine_decodes_what_one_process_decodes(tmp_path, family):
+@pytest.mark.parametrize("family,retention", [("llada", None), ("dream", None), ("dream", 0.5)])
+def test_two_process_gloo_engine_decodes_what_one_process_decodes(tmp_path, family, retention):
     make_random_checkpoint(tmp_path, family, seed=5, **FAMILIES[family])
-    config = EngineConfig(num_pages=64, page_size=4, max_batch_tokens=512)
+    # With sparse KV each rank selects for its own heads, as one process does for all of them.
+    config = EngineConfig(num_pages=64, page_size=4, max_batch_tokens=512, sparse_scratch_tokens=16)
     prompts = [list(range(10 + i, 10 + i + n)) for i, n in enumerate((5, 11, 8))]
-    params = SamplingParams(max_tokens=16, block_size=8, threshold=0.9, cache="dual")
+    params = SamplingParams(max_tokens=16, block_size=8, threshold=0.9, cache="dual", kv_retention=retention)
     reference = _decode(Engine(load_model(tmp_path), config), prompts, params)
     source = ModelSource(model_dir=str(tmp_path))
     engine = build_engine(source, EngineConfig(**{**config.__dict__, "tensor_parallel": 2}))
