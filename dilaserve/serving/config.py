@@ -99,6 +99,7 @@ class RequestDefaults:
     block_length: int = 32
     temperature: float = 0.0
     cache: str = "dual"
+    kv_retention: float | None = None  # head-centric sparse KV for requests that do not say (dual cache)
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,13 @@ class DefaultsSection(_Section):
     block_length: int = Field(32, ge=1)
     temperature: float = Field(0.0, ge=0)
     cache: Literal["none", "prefix", "dual"] = "dual"
+    kv_retention: float | None = Field(None, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _sparse_needs_dual(self) -> "DefaultsSection":
+        if self.kv_retention is not None and self.cache != "dual":
+            raise ValueError("defaults.kv_retention needs defaults.cache 'dual'")
+        return self
 
 
 class ServeConfigFile(_Section):

@@ -244,7 +244,8 @@ def to_sampling_params(
         stop_token_ids=tuple(stop_token_ids) + tuple(req.stop_token_ids or ()),
         seed=req.seed,
         threshold_floor=None if req.steps is not None else floor,
-        kv_retention=req.kv_retention,
+        # A request that picks its own cache mode leaves the sparse-KV default out.
+        kv_retention=req.kv_retention if req.kv_retention is not None or req.cache else defaults.kv_retention,
     )
     check_params(params)
     return params

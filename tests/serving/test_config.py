@@ -51,6 +51,7 @@ def test_default_config_and_overrides():
       "variants": [{"name": "v", "model": "m", "tensor_parallel": 2, "num_gpus_per_replica": 1}]}, "needs 2 GPUs"),
     ({"models": [{"name": "m"}],
       "variants": [{"name": "v", "model": "m", "engine": {"tensor_parallel": 2}}]}, "on the variant"),
+    (minimal(defaults={"kv_retention": 0.5, "cache": "prefix"}), "needs defaults.cache 'dual'"),
 ])
 def test_invalid_configs_name_the_field(data, message):
     with pytest.raises(ConfigError, match=message):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -142,3 +143,8 @@ def test_sparse_kv_field():
         to_sampling_params(completion(kv_retention=0.5, cache="prefix"), DEFAULTS, max_tokens=32)
     assert info.value.status == 400
     assert bad(CompletionRequest, {"model": "m", "prompt": "x", "kv_retention": 0}).param == "kv_retention"
+    # A configured default applies to requests that leave both fields out.
+    sparse = dataclasses.replace(DEFAULTS, kv_retention=0.5)
+    assert to_sampling_params(completion(), sparse, max_tokens=32).kv_retention == 0.5
+    assert to_sampling_params(completion(kv_retention=0.75), sparse, max_tokens=32).kv_retention == 0.75
+    assert to_sampling_params(completion(cache="prefix"), sparse, max_tokens=32).kv_retention is None
