@@ -216,6 +216,7 @@ def _profile_degree(args, model, model_name: str, device_name: str, dtype, grid,
     from dilaserve.engine.latency_profile import profile_dict
     from dilaserve.engine.profiling import measure_grid
     from dilaserve.models.paged_attention import PagedKVCache
+    from dilaserve.models.tensor_parallel import local_kv_heads
 
     todo = len(grid.points())
     print(f"profiling {model_name} on {device_name} x{degree} ({str(dtype).removeprefix('torch.')}): "
@@ -231,7 +232,7 @@ def _profile_degree(args, model, model_name: str, device_name: str, dtype, grid,
     spec = model.spec
     device = next(model.parameters()).device
     # KV bytes per token on one rank (it caches its share of the heads); capacity is per instance.
-    per_token = PagedKVCache.bytes_per_page(spec.num_layers, 1, spec.num_kv_heads // degree, spec.head_dim, dtype)
+    per_token = PagedKVCache.bytes_per_page(spec.num_layers, 1, local_kv_heads(spec, degree), spec.head_dim, dtype)
     if args.kv_memory_gib is not None:
         kv_bytes = args.kv_memory_gib * 2**30
     elif device.type == "cuda":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import threading
 import time
 from collections import deque
@@ -113,31 +112,25 @@ class EngineCore:
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
                 f"maximum of {self.spec.max_positions} positions"
             )
-        kv_offset = self._kv_offset(len(prompt_ids), params)
-        kv_tokens = seq_len - kv_offset + (math.ceil(params.kv_retention * seq_len) if params.is_sparse_kv else 0)
-        if self.allocator.pages_for(kv_tokens) > self.allocator.num_pages:
+        # Sparse KV with a scratch region: the prompt (less the position a shifted-logit reuse
+        # step reads) lives only in refresh steps' scratch slots, when it fits there.
+        lead = 1 if self.spec.shift_logits else 0
+        transient = len(prompt_ids) - lead
+        kv_offset = transient if params.is_sparse_kv and 0 < transient <= self.config.sparse_scratch_tokens else 0
+        threshold = params.threshold if params.threshold is not None else self.default_threshold
+        request = Request(
+            request_id, list(prompt_ids), params, self.spec.mask_token_id,
+            frozenset({self.spec.eos_token_id, *params.stop_token_ids}), self.clock(), deadline_s,
+            threshold=threshold, block_origin=block_origin(len(prompt_ids), self.spec.causal_block_size),
+            window_lead=lead, kv_offset=kv_offset,
+        )
+        if self.allocator.pages_for(request.kv_tokens) > self.allocator.num_pages:
             raise InvalidRequestError(
-                f"the request needs {kv_tokens} tokens of KV cache; this replica holds {self.allocator.num_pages * self.allocator.page_size}"
+                f"the request needs {request.kv_tokens} tokens of KV cache; this replica holds {self.allocator.num_pages * self.allocator.page_size}"
             )
         if self.num_waiting() >= self.max_waiting:
             raise QueueFullError(f"the waiting queue is full ({self.max_waiting} requests)")
-        stop_ids = frozenset({self.spec.eos_token_id, *params.stop_token_ids})
-        threshold = params.threshold if params.threshold is not None else self.default_threshold
-        return Request(
-            request_id, list(prompt_ids), params, self.spec.mask_token_id, stop_ids, self.clock(),
-            deadline_s, threshold=threshold,
-            block_origin=block_origin(len(prompt_ids), self.spec.causal_block_size),
-            window_lead=1 if self.spec.shift_logits else 0, kv_offset=kv_offset,
-        )
-
-    def _kv_offset(self, prompt_len: int, params: SamplingParams) -> int:
-        """Positions of a sparse-KV request that live only in refresh steps' scratch slots: its
-        prompt (less the position a shifted-logit reuse step reads), when it fits the scratch."""
-        lead = 1 if self.spec.shift_logits else 0
-        transient = prompt_len - lead
-        if params.is_sparse_kv and 0 < transient <= self.config.sparse_scratch_tokens:
-            return transient
-        return 0
+        return request
 
     def add(self, request: Request) -> None:
         with self._lock:

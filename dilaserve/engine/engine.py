@@ -16,8 +16,7 @@ from dilaserve.engine.model_runner import ModelRunner
 from dilaserve.engine.tensor_parallel import ModelSource, TensorParallelGroup, rank_device
 from dilaserve.models.base import DiffusionLM
 from dilaserve.models.paged_attention import PagedAttention, PagedKVCache
-from dilaserve.models.registry import read_spec
-from dilaserve.models.tensor_parallel import check_degree
+from dilaserve.models.tensor_parallel import check_degree, degree_of, local_kv_heads
 
 
 def num_pages_for(config: EngineConfig, model: DiffusionLM) -> int:
@@ -25,8 +24,8 @@ def num_pages_for(config: EngineConfig, model: DiffusionLM) -> int:
     if config.num_pages is not None:
         return config.num_pages
     spec, dtype = model.spec, next(model.parameters()).dtype
-    kv_heads = spec.num_kv_heads // getattr(model, "tensor_parallel", (0, 1))[1]
-    per_page = PagedKVCache.bytes_per_page(spec.num_layers, config.page_size, kv_heads, spec.head_dim, dtype)
+    per_page = PagedKVCache.bytes_per_page(spec.num_layers, config.page_size, local_kv_heads(spec, degree_of(model)),
+                                           spec.head_dim, dtype)
     return max(1, int(config.kv_memory_gib * 2**30 // per_page))
 
 
@@ -66,7 +65,7 @@ def build_engine(source: ModelSource, config: EngineConfig | None = None, clock=
     degree = config.tensor_parallel
     if degree == 1:
         return Engine(source.load(rank_device(source, 0)), config, clock)
-    check_degree(read_source_spec(source), degree)
+    check_degree(source.spec(), degree)
     group = TensorParallelGroup(degree, source, config)
     try:
         model = source.load_shard(0, degree, group.device, group.all_reduce)
@@ -75,10 +74,3 @@ def build_engine(source: ModelSource, config: EngineConfig | None = None, clock=
         group.close()
         raise
 
-
-def read_source_spec(source: ModelSource):
-    if source.model_dir is not None:
-        return read_spec(source.model_dir)
-    from dilaserve.engine.random_model import SHAPES, spec_for_shape
-
-    return spec_for_shape(SHAPES[source.random_shape])

@@ -20,6 +20,7 @@ from dilaserve.engine.request import Request
 from dilaserve.generation.unmasking import choose_tokens, is_greedy_llada, select_chosen_batch
 from dilaserve.models.base import DiffusionLM
 from dilaserve.models.paged_attention import PagedAttention, PagedKVCache
+from dilaserve.models.tensor_parallel import degree_of, local_kv_heads
 
 
 class ModelRunner:
@@ -31,7 +32,6 @@ class ModelRunner:
         self.model = model
         self.spec = model.spec
         self.tp = tp
-        self.tp_degree = getattr(model, "tensor_parallel", (0, 1))[1]
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.page_size = page_size
@@ -48,14 +48,13 @@ class ModelRunner:
         self.sparse_scratch_base = (num_pages + (1 if use_graphs else 0)) * page_size
         self.cache = PagedKVCache(
             self.spec.num_layers, num_pages + (1 if use_graphs else 0) + scratch_pages, page_size,
-            self.spec.num_kv_heads // self.tp_degree, self.spec.head_dim, self.dtype, self.device,
+            local_kv_heads(self.spec, degree_of(model)), self.spec.head_dim, self.dtype, self.device,
         )
         self.block_ops = self.fast_path.block_ops if self.fast_path else None
         self.graphs = ReuseGraphs(model, self.cache, self.attention_cls, num_pages * page_size,
                                   self.spec.mask_token_id, ops=self.block_ops) if use_graphs else None
         self._generators: dict[str, torch.Generator] = {}
         self._key_layouts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._jobs: list = []  # the sparse-KV selections of the step being built
 
     def generator_for(self, request: Request) -> torch.Generator:
         gen = self._generators.get(request.request_id)
@@ -70,7 +69,8 @@ class ModelRunner:
     def _build(self, plan: StepPlan):
         """The step's packed model inputs, made by a fixed number of tensor ops whatever the
         batch size: per request, Python only appends to lists (ids, positions, page tables).
-        Returns the inputs on the CPU and the extra arguments of block-causal attention."""
+        Returns the inputs on the CPU, the extra arguments of block-causal attention, and the
+        sparse-KV selections of the step's refreshes."""
         items = plan.items
         ids: list[int] = []
         positions: list[int] = []
@@ -94,13 +94,13 @@ class ModelRunner:
         page_table = torch.tensor([t + [0] * (num_pages - len(t)) for t in tables])
         sparse = [i for i, item in enumerate(items) if item.request.params.is_sparse_kv]
         if sparse:  # some keys are not positions 0 .. n - 1: see _sparse_keys
-            key_index, key_lens, slots, self._jobs = self._sparse_keys(items, sparse, page_table, key_lens, packed)
+            key_index, key_lens, slots, jobs = self._sparse_keys(items, sparse, page_table, key_lens, packed)
             l_max = max(key_lens)
         else:
             page_of_key, offset_in_page = self._key_layout(l_max)
             key_index = page_table.index_select(1, page_of_key).mul_(self.page_size).add_(offset_in_page)
             slots = key_index[packed[2], packed[1]]
-            self._jobs = []
+            jobs = []
         if all(n == l_max for n in key_lens):
             key_valid = torch.ones(num_req, l_max, dtype=torch.bool)
         else:
@@ -119,7 +119,7 @@ class ModelRunner:
             starts = torch.tensor([item.compute_start for item in items])
             extra = dict(query_positions=starts.unsqueeze(1) + torch.arange(q_max),
                          causal_block_size=self.spec.causal_block_size)
-        return StepInputs(packed[0], packed[1], slots, query_index, query_valid, key_index, key_valid), extra
+        return StepInputs(packed[0], packed[1], slots, query_index, query_valid, key_index, key_valid), extra, jobs
 
     def _sparse_keys(self, items, sparse: list[int], page_table: torch.Tensor, key_lens: list[int],
                      packed: torch.Tensor):
@@ -162,11 +162,11 @@ class ModelRunner:
         return key_index, [len(k) for k in key_rows], torch.cat(token_slots), jobs
 
     def _forward(self, plan: StepPlan) -> torch.Tensor:
-        inputs, extra = self._build(plan)
+        inputs, extra, jobs = self._build(plan)
         eager = any(item.is_refresh for item in plan.items)  # refresh steps are large: no graphs
         if self.tp is not None:
-            self.tp.send_step(inputs, extra, eager, self._jobs)
-        return self.forward_inputs(inputs, extra, eager, self._jobs)
+            self.tp.send_step(inputs, extra, eager, jobs)
+        return self.forward_inputs(inputs, extra, eager, jobs)
 
     def forward_inputs(self, inputs: StepInputs, extra: dict, eager: bool, jobs=()) -> torch.Tensor:
         """Hidden states of the packed tokens (``inputs`` on the CPU): from a CUDA graph when

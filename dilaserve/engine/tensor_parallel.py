@@ -62,6 +62,16 @@ class ModelSource:
         if (self.model_dir is None) == (self.random_shape is None):
             raise ValueError("a model source names exactly one of model_dir and random_shape")
 
+    def spec(self):
+        """The model's ``ModelSpec``, without its weights."""
+        if self.random_shape is not None:
+            from dilaserve.engine.random_model import SHAPES, spec_for_shape
+
+            return spec_for_shape(SHAPES[self.random_shape])
+        from dilaserve.models.registry import read_spec
+
+        return read_spec(self.model_dir)
+
     def load(self, device: torch.device) -> DiffusionLM:
         dtype = getattr(torch, self.dtype)
         if self.random_shape is not None:

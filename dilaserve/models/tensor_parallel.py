@@ -60,6 +60,11 @@ def local_kv_heads(spec: ModelSpec, degree: int) -> int:
     return spec.num_kv_heads // degree
 
 
+def degree_of(model: nn.Module) -> int:
+    """Ranks ``model`` is one shard of (1 for a whole model; see ``shard_model``)."""
+    return getattr(model, "tensor_parallel", (0, 1))[1]
+
+
 class RowParallelLinear(nn.Module):
     """A linear layer holding a slice of the input columns; its partial products are summed
     across ranks (the bias, if any, added once after the sum)."""

@@ -64,7 +64,7 @@ class Dispatched:
 
 
 class ReplicaFailedError(RuntimeError):
-    """A replica reported that it can no longer decode the request it had accepted."""
+    """A replica reported (a 503 chunk) that its engine cannot decode."""
 
 
 @dataclass
@@ -200,7 +200,9 @@ class Dispatcher:
             self.in_flight[ref.name] = self.in_flight.get(ref.name, 0) + 1
             try:
                 accepted: Chunk = await stream.__anext__()
-            except Exception as exc:  # the replica died or is unreachable: try the next one
+                if accepted.error is not None and accepted.error_status == 503:
+                    raise ReplicaFailedError(accepted.error)  # its engine failed: as if it had died
+            except Exception as exc:  # the replica died, is unreachable or cannot decode: try the next one
                 self.release(ref.name)
                 stream.cancel()
                 logger.warning("replica %s failed to accept %s: %r", ref.name, request_id, exc)
@@ -215,20 +217,12 @@ class Dispatcher:
                 self.release(ref.name)
                 stream.cancel()
                 raise
-            if accepted.error is not None and accepted.error_status == 503 and len(candidates) > 1:
-                # The replica cannot decode at all (its engine failed): the next one may.
-                self.release(ref.name)
-                logger.warning("replica %s cannot take %s: %s", ref.name, request_id, accepted.error)
-                self.mark_failed(ref.name)
-                candidates = [e for e in candidates if e.replica != ref.name]
-                continue
             break
         if accepted.error is not None:
             self.release(ref.name)
             status = accepted.error_status or 500
-            kind = {400: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}.get(status, "server_error")
-            code = {429: "queue_full", 503: "replica_failed"}.get(status)
-            raise ApiError(status, accepted.error, type=kind, code=code,
+            kind = {400: "invalid_request_error", 429: "rate_limit_error"}.get(status, "server_error")
+            raise ApiError(status, accepted.error, type=kind, code="queue_full" if status == 429 else None,
                            headers={"Retry-After": "1"} if status in (429, 503) else None)
         return Dispatched(ref.name, deadline, accepted, stream, by_name[ref.name], len(prompt_ids))
 
