@@ -23,6 +23,7 @@ is the sequence up to the current block).
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from dataclasses import dataclass
 
@@ -211,6 +212,60 @@ def request_work(seq_len: int, remaining: int, block_size: int, tokens_per_step:
         queries += _block_queries(block, block_steps, tokens_per_step)
         remaining -= block
     return Work(steps, tokens, context, pairs, queries)
+
+
+class BlockPace:
+    """How many steps a block takes, learned from the engine's own blocks: for a request
+    ``done`` steps into a block, the mean of ``S - done`` over recent blocks that took
+    ``S > done`` steps (at the same threshold and block size).
+
+    Tokens decided per step is a mean over whole blocks; a request part-way through a block
+    is not a mean block. Blocks differ widely (on the tiny random LLaDA at threshold 0.9, a
+    first block often goes in 3-5 steps and a second takes 25-31), so a block that has run
+    6 steps is most likely a slow one: counting its masked positions at the mean rate said
+    13 steps were left where 25 were. Conditioning on the steps already taken is what the
+    finish predictions of running requests need (admission checks them against their
+    deadlines whenever a newcomer would join)."""
+
+    def __init__(self, window: int = 512, min_samples: int = 16):
+        self.min_samples = min_samples
+        self._blocks: dict[tuple[float, int], deque[int]] = {}
+        self._sorted: dict[tuple[float, int], tuple[list[int], list[int]]] = {}  # key -> (steps, suffix sums)
+        self._window = window
+
+    @staticmethod
+    def _key(threshold: float, block_size: int) -> tuple[float, int]:
+        return (round(threshold, 3), block_size)
+
+    def observe(self, threshold: float, block_size: int, steps: int) -> None:
+        key = self._key(threshold, block_size)
+        self._blocks.setdefault(key, deque(maxlen=self._window)).append(steps)
+        self._sorted.pop(key, None)
+
+    def remaining(self, threshold: float, block_size: int, done: int) -> float | None:
+        """Expected steps left in a block after ``done``; None with too few blocks seen that
+        lasted longer (the caller then counts masked positions)."""
+        key = self._key(threshold, block_size)
+        if key not in self._sorted:
+            ordered = sorted(self._blocks.get(key, ()))
+            suffix = [0] * (len(ordered) + 1)
+            for i in range(len(ordered) - 1, -1, -1):
+                suffix[i] = suffix[i + 1] + ordered[i]
+            self._sorted[key] = (ordered, suffix)
+        ordered, suffix = self._sorted[key]
+        first = bisect.bisect_right(ordered, done)
+        longer = len(ordered) - first
+        return (suffix[first] - done * longer) / longer if longer >= self.min_samples else None
+
+
+def with_block_steps(work: Work, counted: float, expected: float) -> Work:
+    """``work`` with its current block's ``counted`` steps replaced by ``expected`` ones
+    (``BlockPace``); the steps added or removed are priced as the work's mean step."""
+    if work.steps <= 0 or expected == counted:
+        return work
+    steps = max(1.0, work.steps - counted + expected)
+    grow = steps / work.steps
+    return Work(steps, work.tokens * grow, work.context_tokens * grow, work.pairs * grow, work.queries * grow)
 
 
 def _block_queries(block: int, block_steps: int, tokens_per_step: float) -> float:

@@ -56,8 +56,11 @@ class Request:
     counters: RequestCounters = field(default_factory=RequestCounters)
     finish_reason: str | None = None
     first_token_s: float | None = None
-    predicted_s: float | None = None  # seconds to finish the engine predicted when it took the request
-    predicted_load: int = 0  # requests admitted or queued when it was taken (see prediction_scale)
+    # Finish predictions, to measure their error (EngineCore.prediction_scale): (time, seconds
+    # to finish predicted then, delay charged before then, requests held then); and the delay
+    # charged for newcomers that joined the batch since it was taken.
+    predictions: list[tuple[float, float, float, int]] = field(default_factory=list)
+    charged_s: float = 0.0
     # Sparse KV: out-of-block positions each KV head kept at the last refresh (the first slots
     # of the request's sparse region, after its sequence in the page table).
     sparse_count: int = 0

@@ -6,7 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dilaserve.engine.cost_model import OnlineCostModel, StepCost, TokensPerStepEstimator, expected_tokens_per_step
+from dilaserve.engine.cost_model import (
+    BlockPace, OnlineCostModel, StepCost, TokensPerStepEstimator, Work, batch_finish_s, expected_tokens_per_step,
+    with_block_steps,
+)
 
 EMBEDDED_PROFILE = Path(__file__).parents[2] / "dilaserve/assets/models/dilaserve-tiny-arith/quality_profile.json"
 
@@ -162,7 +165,7 @@ def test_finish_predictions_learn_from_how_late_requests_really_finished(llada):
     now[0] += PREDICTION_WINDOW_S + 1
     assert engine.prediction_scale() == 1.0
     # Requests without deadlines are never judged.
-    assert engine.make_request("x", [1], params).predicted_s is None
+    assert engine.make_request("x", [1], params).predictions == []
 
 
 def test_prediction_scale_is_measured_per_load(llada):
@@ -183,3 +186,80 @@ def test_prediction_scale_is_measured_per_load(llada):
     engine._prediction_ratios.clear()
     engine._prediction_ratios.extend((99.0, 0.2, 0) for _ in range(20))
     assert engine.prediction_scale(load=0) == 0.5
+
+
+def test_a_newcomers_delay_is_charged_so_the_error_measures_the_model_alone(llada):
+    """A request slowed down by a later arrival is not a prediction error: the engine charges
+    the delay the cost model predicts for the newcomer to the requests already there."""
+    from dilaserve.engine.config import EngineConfig
+    from dilaserve.engine.engine import Engine
+    from dilaserve.engine.sampling_params import SamplingParams
+
+    now = [0.0]
+    engine = Engine(llada, EngineConfig(num_pages=64, page_size=8), clock=lambda: now[0])
+    params = SamplingParams(max_tokens=16, block_size=8, steps=4, cache="dual")
+    for i in range(32):  # the step-cost fit needs data before predictions are judged
+        engine.add(engine.make_request(f"warm{i}", [1, 2, 3], params))
+        while engine.has_work():
+            engine.step()
+    first = engine.make_request("first", [1, 2, 3], params, deadline_s=100.0)
+    engine.add(first)
+    engine.step()
+    assert len(first.predictions) == 1 and first.charged_s == 0.0
+    cost, alone = engine.prediction_cost(), engine._work(first)
+    newcomer = engine.make_request("newcomer", [4, 5, 6, 7], params, deadline_s=100.0)
+    expected = batch_finish_s(cost, [alone, engine._work(newcomer)])[0] - batch_finish_s(cost, [alone])[0]
+    engine.add(newcomer)
+    engine.step()
+    assert first.charged_s == pytest.approx(expected) and first.charged_s > 0
+    (t0, predicted0, charged0, _), (t1, predicted1, charged1, load1) = first.predictions
+    assert charged0 == 0.0 and charged1 == first.charged_s and load1 == 2
+    assert len(newcomer.predictions) == 1 and newcomer.charged_s == 0.0
+    now[0] = 10.0
+    while engine.has_work():
+        engine.step()
+    ratios = sorted(r for _, r, _ in engine._prediction_ratios)
+    # first: two predictions; each judged against itself plus the delays charged after it
+    assert ratios == pytest.approx(sorted([(10.0 - t0) / (predicted0 + first.charged_s),
+                                           (10.0 - t1) / predicted1, (10.0 - newcomer.predictions[0][0]) /
+                                           newcomer.predictions[0][1]]))
+
+
+def test_predictions_count_requests_added_but_not_yet_stepped(llada):
+    """A step in progress leaves new requests in the engine's inbox; admission must still see
+    them, or concurrent arrivals all find the same free room."""
+    from dilaserve.engine.config import EngineConfig
+    from dilaserve.engine.engine import Engine
+    from dilaserve.engine.sampling_params import SamplingParams
+
+    engine = Engine(llada, EngineConfig(num_pages=64, page_size=8))
+    params = SamplingParams(max_tokens=16, block_size=8, steps=4, cache="dual")
+    empty = engine.predict_finish_s(3, params)
+    engine.add(engine.make_request("queued", [1, 2, 3], params, deadline_s=1e9))
+    assert engine.num_waiting() == 1
+    assert engine.predict_finish_s(3, params) > empty
+    assert engine.predict_min_slack_s(3, params) < float("inf")
+
+
+def test_block_pace_conditions_on_the_steps_a_block_has_taken():
+    pace = BlockPace(min_samples=4)
+    for _ in range(10):
+        pace.observe(0.9, 32, 4)  # fast blocks
+        pace.observe(0.9, 32, 30)  # slow ones
+    assert pace.remaining(0.9, 32, 0) == pytest.approx(17.0)
+    assert pace.remaining(0.9, 32, 3) == pytest.approx((1 + 27) / 2)
+    assert pace.remaining(0.9, 32, 6) == pytest.approx(24.0)  # past the fast ones: a slow block
+    assert pace.remaining(0.9, 32, 30) is None  # no block ran longer
+    assert pace.remaining(0.8, 32, 0) is None and pace.remaining(0.9, 16, 0) is None  # other keys
+    pace.observe(0.9, 32, 40)
+    assert pace.remaining(0.9, 32, 6) == pytest.approx((24 * 10 + 34) / 11)  # the cache follows
+
+
+def test_with_block_steps_prices_the_steps_it_adds_as_the_mean_step():
+    work = Work(steps=10, tokens=1000, context_tokens=2000, pairs=300, queries=50)
+    more = with_block_steps(work, counted=4, expected=9)
+    assert more.steps == 15 and more.tokens == pytest.approx(1500) and more.context_tokens == pytest.approx(3000)
+    assert more.pairs == pytest.approx(450) and more.queries == pytest.approx(75)
+    fewer = with_block_steps(work, counted=6, expected=1)
+    assert fewer.steps == 5 and fewer.tokens == pytest.approx(500)
+    assert with_block_steps(work, counted=4, expected=4) is work
