@@ -75,9 +75,9 @@ class AdmissionConfig:
     max_waiting: int | None = None  # queued requests per replica before 429 (None: unbounded)
     # Share of each deadline kept in reserve for prediction error: a request is admitted when
     # predicted to finish within (1 - headroom) x its time left, and when no admitted request
-    # would then be predicted past (1 - headroom) x its own. Once a replica has measured its
-    # prediction error (EngineCore.prediction_scale) the margin is the larger of the two, not
-    # their product. Config files default to 0.2.
+    # would then be predicted past (1 - headroom) x its own. Predictions are already scaled by
+    # the replica's measured error (EngineCore.prediction_scale, its 95th percentile); the
+    # headroom is the margin beyond that. Config files default to 0.2.
     headroom: float = 0.0
 
 

@@ -25,7 +25,7 @@ from typing import Any, AsyncIterator
 from dilaserve.engine.sampling_params import SamplingParams
 from dilaserve.serving.admission import Deadline, Prediction, SLODefaults, SLOTargets, assign_deadline, decide
 from dilaserve.serving.config import AdmissionConfig, RoutingConfig, SLOConfig
-from dilaserve.serving.messages import Chunk, Estimate, GenerateRequest
+from dilaserve.serving.messages import AdmissionCheck, Chunk, Estimate, GenerateRequest
 from dilaserve.serving.openai_protocol import ApiError
 from dilaserve.serving.router import ReplicaLoad, make_router
 
@@ -190,13 +190,16 @@ class Dispatcher:
                            headers={"Retry-After": str(decision.retry_after_s)})
         by_name = {e.replica: e for e in estimates}
         candidates = list(estimates)
+        # The replica confirms the admission when it accepts: estimates of concurrent requests
+        # are taken before any of them lands, and would otherwise all see the same free room.
+        check = (AdmissionCheck(self.admission.headroom, overhead_s)
+                 if self.admission.enabled and not is_best_effort else None)
         while True:
             loads = [ReplicaLoad(e.replica, e.finish_s, self.in_flight.get(e.replica, 0)) for e in candidates]
             choice = self.router.choose(loads, remaining_s)
             ref = next(r for r in self.replicas if r.name == choice.name)
-            stream = ref.handle.options(stream=True).generate.remote(
-                GenerateRequest(request_id, prompt_ids, params, arrival_unix_s + deadline.budget_s, is_streamed)
-            )
+            stream = ref.handle.options(stream=True).generate.remote(GenerateRequest(
+                request_id, prompt_ids, params, arrival_unix_s + deadline.budget_s, is_streamed, check))
             self.in_flight[ref.name] = self.in_flight.get(ref.name, 0) + 1
             try:
                 accepted: Chunk = await stream.__anext__()
@@ -217,13 +220,19 @@ class Dispatcher:
                 self.release(ref.name)
                 stream.cancel()
                 raise
+            if accepted.error_status == 429 and len(candidates) > 1:  # full by now: another may have room
+                self.release(ref.name)
+                candidates = [e for e in candidates if e.replica != ref.name]
+                continue
             break
         if accepted.error is not None:
             self.release(ref.name)
             status = accepted.error_status or 500
             kind = {400: "invalid_request_error", 429: "rate_limit_error"}.get(status, "server_error")
-            raise ApiError(status, accepted.error, type=kind, code="queue_full" if status == 429 else None,
-                           headers={"Retry-After": "1"} if status in (429, 503) else None)
+            code = accepted.error_code or ("queue_full" if status == 429 else None)
+            retry = {"Retry-After": str(accepted.retry_after_s if status == 429 else 1)}
+            raise ApiError(status, accepted.error, type=kind, code=code,
+                           headers=retry if status in (429, 503) else None)
         return Dispatched(ref.name, deadline, accepted, stream, by_name[ref.name], len(prompt_ids))
 
     def release(self, replica: str) -> None:

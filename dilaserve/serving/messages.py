@@ -19,6 +19,20 @@ class GenerateRequest:
     deadline_unix_s: float | None = None
     # False: the client waits for the whole answer, so the replica sends it in one last chunk.
     is_streamed: bool = True
+    # The ingress admitted the request on estimates that other admissions may have overtaken;
+    # with a check, the replica confirms it against everything it holds at the moment it
+    # accepts (None: best effort, or admission off).
+    admission: AdmissionCheck | None = None
+
+
+@dataclass(frozen=True)
+class AdmissionCheck:
+    """What the replica re-checks when it accepts a request: predicted to finish (plus
+    ``overhead_s`` for the way back) within ``(1 - reserve)`` x the time left, and no admitted
+    request pushed past ``(1 - reserve)`` x its own."""
+
+    reserve: float = 0.0
+    overhead_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -59,3 +73,5 @@ class Chunk:
     chunk_size: float | None = None  # mean masked positions queried per step
     error: str | None = None
     error_status: int | None = None  # HTTP status the error maps to (400 bad input, 429 full)
+    error_code: str | None = None  # the OpenAI error code, where the replica knows it
+    retry_after_s: int = 1  # for a 429: when a retry may succeed

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import time
 from typing import Any, AsyncIterator
 
@@ -21,7 +22,7 @@ from dilaserve.engine.sampling_params import RequestOutput, SamplingParams
 from dilaserve.errors import InvalidRequestError, QueueFullError
 from dilaserve.serving.config import ModelConfig, VariantConfig
 from dilaserve.serving.detokenizer import IncrementalDetokenizer
-from dilaserve.serving.messages import Chunk, Estimate, GenerateRequest
+from dilaserve.serving.messages import AdmissionCheck, Chunk, Estimate, GenerateRequest
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,12 @@ class ReplicaServer:
         deadline = None
         if request.deadline_unix_s is not None:
             deadline = time.monotonic() + (request.deadline_unix_s - time.time())
+        if request.admission is not None and deadline is not None:
+            # From this check to add_request nothing awaits: no other admission slips between.
+            refusal = self._confirm(len(request.prompt_ids), params, deadline, request.admission)
+            if refusal is not None:
+                yield refusal
+                return
         try:
             stream = self.engine.add_request(rid, list(request.prompt_ids), params, deadline)
         except QueueFullError as exc:
@@ -139,6 +146,32 @@ class ReplicaServer:
     async def abort(self, request_id: str) -> None:
         await self.engine.abort(request_id)
 
+    def _confirm(self, prompt_len: int, params: SamplingParams, deadline: float, check: AdmissionCheck) -> Chunk | None:
+        """The ingress's admission check again, against everything this engine holds now
+        (requests other ingress calls admitted after this one's estimate included); a 429
+        chunk when it no longer passes."""
+        at = self._floor_threshold(params)
+        usable = (1.0 - check.reserve) * (deadline - time.monotonic())
+        finish = self.engine.predict_finish_s(prompt_len, params, at, check.reserve) + check.overhead_s
+        predict_slack = getattr(self.engine, "predict_min_slack_s", None)
+        min_slack = predict_slack(prompt_len, params, at, check.reserve) if predict_slack else float("inf")
+        if finish <= usable and min_slack >= 0:
+            return None
+        if finish > usable:
+            reason = (f"replica {self.name} can no longer finish it before the deadline ({max(0.0, usable) * 1e3:.0f} "
+                      f"ms left): the predicted finish is in {finish * 1e3:.0f} ms")
+        else:
+            reason = f"admitting it would make requests already on replica {self.name} miss their deadlines"
+        return Chunk(error=f"request refused: {reason}; retry later, relax the deadline, lower quality_floor, or "
+                           "set best_effort", error_status=429, error_code="deadline_unattainable",
+                     retry_after_s=max(1, math.ceil(finish - usable)))
+
+    @staticmethod
+    def _floor_threshold(params: SamplingParams) -> float | None:
+        """The threshold admission prices a request at: its quality floor when that is lower."""
+        threshold, floor = params.threshold, params.threshold_floor
+        return floor if floor is not None and threshold is not None and floor < threshold else threshold
+
     # -- predictions, load and policy ----------------------------------------------------------
     async def estimate(self, prompt_len: int, params: SamplingParams, reserve: float = 0.0) -> Estimate:
         """Predictions for a prospective request; ``reserve``: the share of every admitted
@@ -153,7 +186,7 @@ class ReplicaServer:
         if floor is not None and threshold is not None and floor < threshold:
             finish_floor = self.engine.predict_finish_s(prompt_len, params, floor, reserve)
             solo_floor = self.engine.predict_latency_s(prompt_len, params, floor)
-        at = floor if floor is not None and threshold is not None and floor < threshold else threshold
+        at = self._floor_threshold(params)
         predict_slack = getattr(self.engine, "predict_min_slack_s", None)
         min_slack = predict_slack(prompt_len, params, at, reserve) if predict_slack else float("inf")
         stats = self.engine.stats()

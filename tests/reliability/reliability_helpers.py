@@ -293,6 +293,7 @@ class Sample:
     pages_free: dict[str, int | None]
     num_running: dict[str, int | None]
     num_waiting: dict[str, int | None]
+    prediction_scale: dict[str, float | None] = field(default_factory=dict)
 
 
 def sampler(url: str, app_name: str, samples: list[Sample], every_s: float = 5.0) -> Callable[[float], None]:
@@ -312,7 +313,8 @@ def sampler(url: str, app_name: str, samples: list[Sample], every_s: float = 5.0
             t, {n: rss_mib(p) for n, p in pids.items()},
             {n: s["pages_free"] if s else None for n, s in stats.items()},
             {n: s["num_running"] if s else None for n, s in stats.items()},
-            {n: s["num_waiting"] if s else None for n, s in stats.items()}))
+            {n: s["num_waiting"] if s else None for n, s in stats.items()},
+            {n: s["prediction_scale"] if s else None for n, s in stats.items()}))
 
     return tick
 
@@ -336,6 +338,8 @@ def window_rows(outcomes: list[Outcome], samples: list[Sample], window_s: float)
             "p50_ms": round(lat["p50"]), "p99_ms": round(lat["p99"]) if ok else None,
             "rss_mib": round(sum(v for v in sample.rss_mib.values() if v)) if sample and sample.rss_mib else None,
             "pages_free": sum(v for v in sample.pages_free.values() if v is not None) if sample else None,
+            # The largest replica's measured prediction error (EngineCore.prediction_scale).
+            "scale": round(max((v for v in sample.prediction_scale.values() if v), default=0.0), 2) if sample else None,
         })
         start = end
     return rows

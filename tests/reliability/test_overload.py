@@ -7,7 +7,7 @@ back to back, best effort). Then ``DILASERVE_OVERLOAD_S`` seconds (default 20; `
 10 s at 0.3x. Checked: every request sent is answered (completion or 429 with Retry-After and a
 message); refusals are fast; the replica's queue, free pages and memory stay bounded; the first
 requests after the drop are admitted and on time. The admitted requests' SLO attainment is
-printed and held to 80% (the issue asks 95%; see the assertion).
+printed and held to the issue's 95%.
 """
 
 from __future__ import annotations
@@ -62,8 +62,9 @@ def test_three_times_capacity_sheds_fast_and_recovers(heavy):
     assert light and all(o.kind == "ok" for o in light), tally(light)
     assert sum(bool(o.slo_met) for o in light) >= 0.9 * len(light), tally(light)
     assert wait_until(lambda: (s := engine_stats(url)["cpu-0"])["pages_free"] == s["pages_total"], 60)
-    # The issue's bar is 95%: measured 85.6-100% over three runs on an idle 2-core machine (61-64% of
-    # the overload refused); before predictions learned from their error, 6-39%. Below 80% is a
-    # regression, not noise.
-    assert t_over.attainment >= 0.80, f"admitted requests met their SLO {t_over.attainment:.1%} of the time"
+    # The issue's bar. Measured 98.3-99.2% over three runs on an idle 2-core machine (64-66% of
+    # the overload refused). Before predictions were judged with the delay of later newcomers
+    # charged to them, and before running requests were priced at their block's pace, 68-92%:
+    # the first seconds of the overload were admitted on predictions 2-5x short.
+    assert t_over.attainment >= 0.95, f"admitted requests met their SLO {t_over.attainment:.1%} of the time"
     print(f"admitted attainment under 3x overload: {t_over.attainment:.1%}")

@@ -147,6 +147,30 @@ def test_a_replica_refusing_the_request_surfaces_its_status():
     assert d.in_flight == {"a": 0}
 
 
+def test_a_replica_that_is_full_by_the_time_the_request_lands_passes_it_on():
+    """Estimates of concurrent requests are all taken before any lands; each replica confirms
+    the admission on arrival, and one that no longer has room hands the request to the next."""
+    late = Chunk(error="request refused: replica a can no longer finish it", error_status=429,
+                 error_code="deadline_unattainable", retry_after_s=3)
+    full, spare = FakeReplica("a", first_chunk=late), FakeReplica("b", backlog_s=0.2)
+    d = make_dispatcher(full, spare)
+    assert dispatch(d).replica == "b"
+    assert full.sent and full.sent[0].admission is not None and d.in_flight == {"a": 0, "b": 1}
+    assert spare.sent[0].admission.reserve == AdmissionConfig().headroom
+    with pytest.raises(ApiError) as info:  # the only replica: its refusal is the answer
+        dispatch(make_dispatcher(FakeReplica("a", first_chunk=late)))
+    assert info.value.status == 429 and info.value.code == "deadline_unattainable"
+    assert info.value.headers["Retry-After"] == "3" and "no longer finish" in info.value.message
+
+
+def test_best_effort_requests_are_not_rechecked_by_the_replica():
+    a = FakeReplica("a", backlog_s=9.0)
+    dispatch(make_dispatcher(a), is_best_effort=True)
+    off = FakeReplica("b")
+    dispatch(make_dispatcher(off, admission=AdmissionConfig(enabled=False)))
+    assert a.sent[0].admission is None and off.sent[0].admission is None
+
+
 def test_baselines_route_without_slack():
     a, b = FakeReplica("a"), FakeReplica("b", backlog_s=0.5)
     d = make_dispatcher(a, b, policy="round_robin", admission=AdmissionConfig(enabled=False))
