@@ -75,9 +75,10 @@ class AdmissionConfig:
     max_waiting: int | None = None  # queued requests per replica before 429 (None: unbounded)
     # Share of each deadline kept in reserve for prediction error: a request is admitted when
     # predicted to finish within (1 - headroom) x its time left, and when no admitted request
-    # would then be predicted past (1 - headroom) x its own. Predictions are already scaled by
-    # the replica's measured error (EngineCore.prediction_scale, its 95th percentile); the
-    # headroom is the margin beyond that. Config files default to 0.2.
+    # would then be predicted past (1 - headroom) x its own. Predictions are scaled by the
+    # replica's measured error (EngineCore.prediction_scale, its 95th percentile): for the
+    # newcomer the margin is the larger of the two, for requests already admitted their
+    # product (EngineCore.predict_min_slack_s). Config files default to 0.2.
     headroom: float = 0.0
 
 
