@@ -186,12 +186,12 @@ class EngineCore:
     def end_step(self, plan: StepPlan, result: StepOutput) -> list[RequestOutput]:
         """Applies the runner's decisions and learns from the step's cost and yield."""
         self.cost.observe(plan.num_tokens, plan.num_context_tokens, result.elapsed_s)
+        blocks = []  # threshold requests' blocks before the step, to see which ended
         for item in plan.items:
             if item.request.params.steps is None and item.request.threshold is not None:
                 decision = result.decisions[item.request.request_id]
                 self.tokens_per_step_estimate.observe(item.request.threshold, len(decision.positions))
-        blocks = [(item.request, item.request.block_idx, item.request.step_in_block) for item in plan.items
-                  if item.request.params.steps is None and item.request.threshold is not None]
+                blocks.append((item.request, item.request.block_idx, item.request.step_in_block))
         updates = self.scheduler.update(plan, result)
         for request, block_idx, step_in_block in blocks:  # blocks that ended: how many steps they took
             if request.block_idx != block_idx or request.finish_reason in ("eos", "length", "stop"):
@@ -292,13 +292,16 @@ class EngineCore:
     def _load(self) -> int:
         return len(self._admitted())
 
-    def _admitted(self) -> list[Request]:
-        """Every request the engine holds: running, waiting, and added but not yet drained
-        from the inbox (a step in progress leaves them there). Predictions must count the
-        last kind too: a request admitted a moment ago will share the batch all the same."""
+    def _admitted(self, with_inbox: bool = True) -> list[Request]:
+        """Every request the engine holds: running, waiting, and (``with_inbox``) added but
+        not yet drained from the inbox (a step in progress leaves them there). Predictions
+        must count the last kind too: a request admitted a moment ago will share the batch
+        all the same."""
+        held = list(self.scheduler.running) + list(self.scheduler.waiting)
+        if not with_inbox:
+            return held
         with self._lock:
-            pending = [payload for kind, payload in self._inbox if kind == "add"]
-        return list(self.scheduler.running) + list(self.scheduler.waiting) + pending
+            return held + [payload for kind, payload in self._inbox if kind == "add"]
 
     def step_overhead_s(self) -> float:
         """Median wall time between recent steps beyond the runner's own time (planning,
@@ -321,7 +324,7 @@ class EngineCore:
         the first: admission relies on them whenever a newcomer asks to join."""
         now = self.clock()
         # Not the inbox: a request still there is charged for when it is drained.
-        others = [r for r in list(self.scheduler.running) + list(self.scheduler.waiting) if not r.is_finished]
+        others = [r for r in self._admitted(with_inbox=False) if not r.is_finished]
         cost = self.prediction_cost()
         works = [self._work(r) for r in others]
         after = batch_finish_s(cost, works + [self._work(request)])

@@ -88,6 +88,14 @@ def decide(
     return Decision(False, max(1, math.ceil(best - budget_s)), reason)
 
 
+def refusal_message(reason: str) -> str:
+    """The message of a 429 for a deadline that cannot be met, with what the client can do."""
+    return f"request refused: {reason}; retry later, relax the deadline, lower quality_floor, or set best_effort"
+
+
+SQUEEZE_REASON = "admitting it would make requests already admitted miss their deadlines"
+
+
 def is_slo_met(deadline: Deadline, e2e_s: float, ttft_s: float | None, tpot_s: float | None) -> bool:
     """Met when the response ended within budget and hit any TTFT / TPOT target that applies."""
     if e2e_s > deadline.budget_s:

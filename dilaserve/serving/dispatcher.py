@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from dilaserve.engine.sampling_params import SamplingParams
-from dilaserve.serving.admission import Deadline, Prediction, SLODefaults, SLOTargets, assign_deadline, decide
+from dilaserve.serving.admission import (
+    SQUEEZE_REASON, Deadline, Prediction, SLODefaults, SLOTargets, assign_deadline, decide, refusal_message,
+)
 from dilaserve.serving.config import AdmissionConfig, RoutingConfig, SLOConfig
 from dilaserve.serving.messages import AdmissionCheck, Chunk, Estimate, GenerateRequest
 from dilaserve.serving.openai_protocol import ApiError
@@ -176,18 +178,15 @@ class Dispatcher:
             # one of them late is refused even when it would itself finish in time.
             unsqueezed = [e for e in estimates if e.min_slack_s >= 0]
             if not unsqueezed:
-                raise ApiError(429, "request refused: every replica is full (admitting it would make requests "
-                               "already admitted miss their deadlines); retry later, relax the deadline, lower "
-                               "quality_floor, or set best_effort", type="rate_limit_error",
-                               code="deadline_unattainable", headers={"Retry-After": "1"})
+                raise ApiError(429, refusal_message(f"every replica is full ({SQUEEZE_REASON})"),
+                               type="rate_limit_error", code="deadline_unattainable", headers={"Retry-After": "1"})
             estimates = unsqueezed
         at_floor = [Prediction(e.finish_at_floor_s + overhead_s, e.solo_at_floor_s + overhead_s) for e in estimates]
         usable_s = remaining_s * (1.0 - self.admission.headroom)
         decision = decide(usable_s, at_floor, is_enabled=self.admission.enabled, is_best_effort=is_best_effort)
         if not decision.is_admitted:
-            raise ApiError(429, f"request refused: {decision.reason}; retry later, relax the deadline, lower "
-                           "quality_floor, or set best_effort", type="rate_limit_error", code="deadline_unattainable",
-                           headers={"Retry-After": str(decision.retry_after_s)})
+            raise ApiError(429, refusal_message(decision.reason), type="rate_limit_error",
+                           code="deadline_unattainable", headers={"Retry-After": str(decision.retry_after_s)})
         by_name = {e.replica: e for e in estimates}
         candidates = list(estimates)
         # The replica confirms the admission when it accepts: estimates of concurrent requests

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import math
 import time
 from typing import Any, AsyncIterator
 
@@ -20,6 +19,7 @@ from ray import serve
 
 from dilaserve.engine.sampling_params import RequestOutput, SamplingParams
 from dilaserve.errors import InvalidRequestError, QueueFullError
+from dilaserve.serving.admission import SQUEEZE_REASON, Prediction, decide, refusal_message
 from dilaserve.serving.config import ModelConfig, VariantConfig
 from dilaserve.serving.detokenizer import IncrementalDetokenizer
 from dilaserve.serving.messages import AdmissionCheck, Chunk, Estimate, GenerateRequest
@@ -147,24 +147,24 @@ class ReplicaServer:
         await self.engine.abort(request_id)
 
     def _confirm(self, prompt_len: int, params: SamplingParams, deadline: float, check: AdmissionCheck) -> Chunk | None:
-        """The ingress's admission check again, against everything this engine holds now
-        (requests other ingress calls admitted after this one's estimate included); a 429
-        chunk when it no longer passes."""
+        """The ingress's admission check again (``decide`` and the least slack), against
+        everything this engine holds now, requests other ingress calls admitted after this
+        one's estimate included; a 429 chunk when it no longer passes."""
         at = self._floor_threshold(params)
-        usable = (1.0 - check.reserve) * (deadline - time.monotonic())
         finish = self.engine.predict_finish_s(prompt_len, params, at, check.reserve) + check.overhead_s
-        predict_slack = getattr(self.engine, "predict_min_slack_s", None)
-        min_slack = predict_slack(prompt_len, params, at, check.reserve) if predict_slack else float("inf")
-        if finish <= usable and min_slack >= 0:
-            return None
+        usable = (1.0 - check.reserve) * (deadline - time.monotonic())
         if finish > usable:
-            reason = (f"replica {self.name} can no longer finish it before the deadline ({max(0.0, usable) * 1e3:.0f} "
-                      f"ms left): the predicted finish is in {finish * 1e3:.0f} ms")
-        else:
-            reason = f"admitting it would make requests already on replica {self.name} miss their deadlines"
-        return Chunk(error=f"request refused: {reason}; retry later, relax the deadline, lower quality_floor, or "
-                           "set best_effort", error_status=429, error_code="deadline_unattainable",
-                     retry_after_s=max(1, math.ceil(finish - usable)))
+            solo = self.engine.predict_latency_s(prompt_len, params, at) + check.overhead_s
+            decision = decide(usable, [Prediction(finish, solo)])
+            return self._refusal(refusal_message(f"{decision.reason} (replica {self.name}, checked again on arrival)"), decision.retry_after_s)
+        predict_slack = getattr(self.engine, "predict_min_slack_s", None)
+        if predict_slack is not None and predict_slack(prompt_len, params, at, check.reserve) < 0:
+            return self._refusal(refusal_message(f"{SQUEEZE_REASON} on replica {self.name}"), 1)
+        return None
+
+    @staticmethod
+    def _refusal(message: str, retry_after_s: int) -> Chunk:
+        return Chunk(error=message, error_status=429, error_code="deadline_unattainable", retry_after_s=retry_after_s)
 
     @staticmethod
     def _floor_threshold(params: SamplingParams) -> float | None:
@@ -177,16 +177,16 @@ class ReplicaServer:
         """Predictions for a prospective request; ``reserve``: the share of every admitted
         request's remaining time kept for prediction error (see ``min_slack_s``)."""
         params = self.resolve(params)
-        threshold, floor = params.threshold, params.threshold_floor
+        threshold = params.threshold
         solo = self.engine.predict_latency_s(prompt_len, params, threshold)
         # With a reserve, finish predictions are priced for the dispatcher's check against
         # (1 - reserve) x the time left (EngineCore.prediction_factor).
         finish = self.engine.predict_finish_s(prompt_len, params, threshold, reserve)
         finish_floor, solo_floor = finish, solo
-        if floor is not None and threshold is not None and floor < threshold:
-            finish_floor = self.engine.predict_finish_s(prompt_len, params, floor, reserve)
-            solo_floor = self.engine.predict_latency_s(prompt_len, params, floor)
         at = self._floor_threshold(params)
+        if at != threshold:
+            finish_floor = self.engine.predict_finish_s(prompt_len, params, at, reserve)
+            solo_floor = self.engine.predict_latency_s(prompt_len, params, at)
         predict_slack = getattr(self.engine, "predict_min_slack_s", None)
         min_slack = predict_slack(prompt_len, params, at, reserve) if predict_slack else float("inf")
         stats = self.engine.stats()
