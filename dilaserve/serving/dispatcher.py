@@ -191,7 +191,7 @@ class Dispatcher:
         candidates = list(estimates)
         # The replica confirms the admission when it accepts: estimates of concurrent requests
         # are taken before any of them lands, and would otherwise all see the same free room.
-        check = (AdmissionCheck(self.admission.headroom, overhead_s)
+        check = (AdmissionCheck(self.admission.headroom, time.time() + usable_s - overhead_s)
                  if self.admission.enabled and not is_best_effort else None)
         while True:
             loads = [ReplicaLoad(e.replica, e.finish_s, self.in_flight.get(e.replica, 0)) for e in candidates]

@@ -27,12 +27,15 @@ class GenerateRequest:
 
 @dataclass(frozen=True)
 class AdmissionCheck:
-    """What the replica re-checks when it accepts a request: predicted to finish (plus
-    ``overhead_s`` for the way back) within ``(1 - reserve)`` x the time left, and no admitted
-    request pushed past ``(1 - reserve)`` x its own."""
+    """What the replica re-checks when it accepts a request: predicted to finish by
+    ``finish_by_unix_s`` (the latest finish the ingress's check allowed: ``(1 - reserve)`` x
+    the time left then, less the serving overhead, as a time.time() instant), and no admitted
+    request pushed past ``(1 - reserve)`` x its own time left. An absolute instant, because
+    the overhead already counts the hop to the replica: measured from arrival again it
+    would be paid twice."""
 
     reserve: float = 0.0
-    overhead_s: float = 0.0
+    finish_by_unix_s: float = float("inf")
 
 
 @dataclass(frozen=True)

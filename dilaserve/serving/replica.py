@@ -78,7 +78,7 @@ class ReplicaServer:
             deadline = time.monotonic() + (request.deadline_unix_s - time.time())
         if request.admission is not None and deadline is not None:
             # From this check to add_request nothing awaits: no other admission slips between.
-            refusal = self._confirm(len(request.prompt_ids), params, deadline, request.admission)
+            refusal = self._confirm(len(request.prompt_ids), params, request.admission)
             if refusal is not None:
                 yield refusal
                 return
@@ -146,16 +146,15 @@ class ReplicaServer:
     async def abort(self, request_id: str) -> None:
         await self.engine.abort(request_id)
 
-    def _confirm(self, prompt_len: int, params: SamplingParams, deadline: float, check: AdmissionCheck) -> Chunk | None:
+    def _confirm(self, prompt_len: int, params: SamplingParams, check: AdmissionCheck) -> Chunk | None:
         """The ingress's admission check again (``decide`` and the least slack), against
         everything this engine holds now, requests other ingress calls admitted after this
         one's estimate included; a 429 chunk when it no longer passes."""
         at = self._floor_threshold(params)
-        finish = self.engine.predict_finish_s(prompt_len, params, at, check.reserve) + check.overhead_s
-        usable = (1.0 - check.reserve) * (deadline - time.monotonic())
+        finish = self.engine.predict_finish_s(prompt_len, params, at, check.reserve)
+        usable = check.finish_by_unix_s - time.time()
         if finish > usable:
-            solo = self.engine.predict_latency_s(prompt_len, params, at) + check.overhead_s
-            decision = decide(usable, [Prediction(finish, solo)])
+            decision = decide(usable, [Prediction(finish, self.engine.predict_latency_s(prompt_len, params, at))])
             return self._refusal(refusal_message(f"{decision.reason} (replica {self.name}, checked again on arrival)"), decision.retry_after_s)
         predict_slack = getattr(self.engine, "predict_min_slack_s", None)
         if predict_slack is not None and predict_slack(prompt_len, params, at, check.reserve) < 0:
