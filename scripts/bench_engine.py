@@ -47,6 +47,7 @@ from dilaserve.generation.unmasking import choose_tokens
 from dilaserve.models import layers as model_layers
 from dilaserve.models import llada as llada_module
 from dilaserve.models.llada import LLaDAModel
+from dilaserve.models.packing import pack_projections
 from dilaserve.models.paged_attention import PagedAttention, PagedKVCache
 from dilaserve.models.spec import ModelSpec
 from kernels.interpreter import interpreting
@@ -463,6 +464,8 @@ def main() -> None:
     result["ceilings"] = c = device_ceilings(device, args.tiny)
     log(f"ceilings: {c['matmul_tflops']:.0f} TFLOP/s, {c['copy_tb_per_s']:.2f} TB/s")
     model = build_model(shape, device)
+    if device.type == "cuda":
+        pack_projections(model)  # as the engine's runner does on the fast path (the torch path ignores it)
     spec = model.spec
     result["model"] = {**shape, "params": spec.num_params(), "matmul_params": matmul_params(spec)}
     log(f"model built: {spec.num_params() / 1e9:.2f}B params")

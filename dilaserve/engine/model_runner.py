@@ -19,6 +19,7 @@ from dilaserve.engine.plan import Decision, StepOutput, StepPlan
 from dilaserve.engine.request import Request
 from dilaserve.generation.unmasking import choose_tokens, is_greedy_llada, select_chosen_batch
 from dilaserve.models.base import DiffusionLM
+from dilaserve.models.packing import pack_projections
 from dilaserve.models.paged_attention import PagedAttention, PagedKVCache
 from dilaserve.models.tensor_parallel import degree_of, local_kv_heads
 
@@ -51,6 +52,8 @@ class ModelRunner:
             local_kv_heads(self.spec, degree_of(model)), self.spec.head_dim, self.dtype, self.device,
         )
         self.block_ops = self.fast_path.block_ops if self.fast_path else None
+        if self.block_ops is not None:  # q|k|v and gate|up as one matmul each (memory-neutral views)
+            pack_projections(model)
         self.graphs = ReuseGraphs(model, self.cache, self.attention_cls, num_pages * page_size,
                                   self.spec.mask_token_id, ops=self.block_ops) if use_graphs else None
         self._generators: dict[str, torch.Generator] = {}

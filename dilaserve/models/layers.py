@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from dilaserve.models.attention import AttentionBackend
+from dilaserve.models.packing import packed
 
 
 class RMSNorm(nn.Module):
@@ -123,12 +124,14 @@ def _fused_block(x, layer_idx, attn_norm, q_proj, k_proj, v_proj, o_proj, mlp_no
                  rotary, attn, head_dim, q_norm, k_norm, ops: BlockOps) -> torch.Tensor:
     n = x.shape[0]
     h = ops.rms_norm(x, attn_norm.weight, attn_norm.eps)
-    q = q_proj(h).view(n, -1, head_dim)
-    k = k_proj(h).view(n, -1, head_dim)
-    v = v_proj(h).view(n, -1, head_dim)
+    qkv = packed(q_proj, k_proj, v_proj)
+    q, k, v = qkv(h) if qkv is not None else (q_proj(h), k_proj(h), v_proj(h))
+    q, k, v = q.view(n, -1, head_dim), k.view(n, -1, head_dim), v.view(n, -1, head_dim)
     if q_norm is not None:
         q, k = q_norm(q), k_norm(k)
     q, k = ops.rotary(q, k, *rotary)
     a = attn(layer_idx, q, k, v)
     h, x = ops.add_rms_norm(o_proj(a.reshape(n, -1)), x, mlp_norm.weight, mlp_norm.eps)
-    return x + down_proj(ops.silu_mul(gate_proj(h), up_proj(h)))
+    gate_up = packed(gate_proj, up_proj)
+    gate, up = gate_up(h) if gate_up is not None else (gate_proj(h), up_proj(h))
+    return x + down_proj(ops.silu_mul(gate, up))

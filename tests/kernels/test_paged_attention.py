@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dilaserve.models.paged_attention import PagedAttention, PagedKVCache
-from kernels.paged_attention import paged_attention, paged_attention_reference, write_kv_
+from kernels.paged_attention import paged_attention, paged_attention_reference, write_kv_, write_kv_reference
 
 # ||out - ref|| / ||ref|| against a float64 reference (see the device METHOD notes).
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -52,11 +52,15 @@ CASES = [
 ]
 
 
+# Key splits: None is the automatic choice (1 on the interpreter); 2 splits the longer contexts
+# (keys stream in tiles of 64); 8 leaves several splits of every request empty.
+@pytest.mark.parametrize("num_splits", [None, 2, 8])
 @pytest.mark.parametrize("query_counts, context_lens, heads, kv_heads, head_dim, page_size, dtype", CASES)
-def test_kernel_matches_reference(query_counts, context_lens, heads, kv_heads, head_dim, page_size, dtype, device):
+def test_kernel_matches_reference(query_counts, context_lens, heads, kv_heads, head_dim, page_size, dtype, num_splits,
+                                  device):
     args = make_case(query_counts, context_lens, heads, kv_heads, head_dim, page_size, dtype, device)
     out = torch.full_like(args[0], torch.nan)
-    paged_attention(*args, page_size, out=out)
+    paged_attention(*args, page_size, out=out, num_splits=num_splits)
     assert not out.isnan().any(), "every query row is written and no unowned (NaN) slot is read"
     ref = paged_attention_reference(*(a.double() if a.is_floating_point() else a for a in args), page_size)
     assert rel_err(out, ref) <= TOLERANCE[dtype]
@@ -67,17 +71,22 @@ CAUSAL_CASES = [
     pytest.param([4, 1, 8], [8, 13, 24], [4, 12, 16], 4, 4, 2, 24, 4, torch.float32, id="sdar-fp32-d24"),
     pytest.param([40, 3], [40, 70], [0, 67], 8, 8, 2, 64, 16, torch.bfloat16, id="prefill-bf16-d64"),
     pytest.param([5], [133], [128], 4, 2, 2, 16, 8, torch.float16, id="long-context-fp16"),
+    # One query tile spans positions 60..91: with 2 key splits (0..63, 64..95) the rows below 64
+    # see no key of the second split.
+    pytest.param([32], [96], [60], 4, 2, 2, 16, 8, torch.float32, id="row-without-keys-in-a-split"),
 ]
 
 
+@pytest.mark.parametrize("num_splits", [None, 2])
 @pytest.mark.parametrize("query_counts, context_lens, first_pos, block, heads, kv_heads, head_dim, page_size, dtype",
                          CAUSAL_CASES)
 def test_block_causal_kernel_matches_reference(query_counts, context_lens, first_pos, block, heads, kv_heads,
-                                               head_dim, page_size, dtype, device):
+                                               head_dim, page_size, dtype, num_splits, device):
     args = make_case(query_counts, context_lens, heads, kv_heads, head_dim, page_size, dtype, device, seed=5)
     q_start = torch.tensor(first_pos, dtype=torch.int32, device=device)
     out = torch.full_like(args[0], torch.nan)
-    paged_attention(*args, page_size, out=out, causal_block_size=block, query_pos_start=q_start)
+    paged_attention(*args, page_size, out=out, causal_block_size=block, query_pos_start=q_start,
+                    num_splits=num_splits)
     assert not out.isnan().any()
     ref = paged_attention_reference(*(a.double() if a.is_floating_point() else a for a in args), page_size,
                                     causal_block_size=block, query_pos_start=q_start)
@@ -85,6 +94,12 @@ def test_block_causal_kernel_matches_reference(query_counts, context_lens, first
     # The mask matters: the bidirectional answer differs wherever a query sees past its block.
     full = paged_attention_reference(*(a.double() if a.is_floating_point() else a for a in args), page_size)
     assert rel_err(full, ref) > 1e-3
+
+
+def test_num_splits_must_be_a_power_of_two(device):
+    args = make_case([2], [10], 2, 1, 16, 4, torch.float32, device)
+    with pytest.raises(ValueError, match="power of two"):
+        paged_attention(*args, 4, num_splits=3)
 
 
 def test_block_causal_reference_is_the_torch_backend(device):
@@ -185,16 +200,32 @@ def test_write_kv_stores_at_slots(device):
     assert k_pool.abs().sum(dim=(1, 2)).count_nonzero() == 3
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_kernel_matches_reference_on_strided_views(dtype, device):
+    """k and v as column slices of one packed QKV output (5 kv heads of 24: awkward sizes)."""
+    gen = torch.Generator().manual_seed(4)
+    tokens, kv_heads, head_dim = 7, 5, 24
+    qkv = torch.randn(tokens, 3 * kv_heads * head_dim, generator=gen).to(dtype).to(device)
+    _, k, v = (t.view(tokens, kv_heads, head_dim) for t in qkv.split(kv_heads * head_dim, dim=1))
+    slots = torch.tensor([11, 2, 30, 5, 0, 17, 29], device=device)
+    pools = [torch.zeros(32, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(4)]
+    write_kv_(pools[0], pools[1], slots, k, v)
+    write_kv_reference(pools[2], pools[3], slots, k, v)
+    assert torch.equal(pools[0], pools[2]) and torch.equal(pools[1], pools[3])
+    assert pools[0].abs().sum(dim=(1, 2)).count_nonzero() == tokens
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("kv_heads", [32, 8])
-def test_llada_shapes_on_gpu(dtype, kv_heads):
+@pytest.mark.parametrize("num_splits", [None, 4])
+def test_llada_shapes_on_gpu(dtype, kv_heads, num_splits):
     """LLaDA-8B heads (32 x 128), page 16: reuse query sets, a 1-query request and refreshes."""
     query_counts = [32, 1, 7, 512, 300]
     context_lens = [512, 77, 519, 512, 1000]
     args = make_case(query_counts, context_lens, 32, kv_heads, 128, 16, dtype, "cuda", seed=5)
     out = torch.full_like(args[0], torch.nan)
-    paged_attention(*args, 16, out=out)
+    paged_attention(*args, 16, out=out, num_splits=num_splits)
     torch.cuda.synchronize()
     assert not out.isnan().any()
     ref = paged_attention_reference(*(a.double() if a.is_floating_point() else a for a in args), 16)

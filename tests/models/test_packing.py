@@ -1,0 +1,100 @@
+"""Packed projections (q|k|v, gate|up as one matmul): same outputs, no extra memory, never stale."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dilaserve.models.attention import DenseAttention
+from dilaserve.models.layers import BlockOps
+from dilaserve.models.packing import pack_projections, packed
+from dilaserve.models.registry import load_model
+from kernels import fused
+
+REFERENCE_OPS = BlockOps(fused.rms_norm_reference, fused.add_rms_norm_reference, fused.rotary_reference,
+                         fused.silu_mul_reference)
+
+
+def forward(model, lens=(5, 9, 3)):
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.cat([torch.randint(0, 250, (n,), generator=gen) for n in lens])
+    positions = torch.cat([torch.arange(n) for n in lens])
+    with torch.no_grad():
+        return model(ids, positions, DenseAttention(list(lens)), REFERENCE_OPS)
+
+
+def blocks(model):
+    """(q, k, v) and (gate, up) modules per block, whatever the family's names."""
+    for module in model.modules():
+        if hasattr(module, "q_proj"):
+            yield module.q_proj, module.k_proj, module.v_proj
+        for gate in ("ff_proj", "gate_proj"):
+            if hasattr(module, gate) and hasattr(module, "up_proj"):
+                yield getattr(module, gate), module.up_proj
+
+
+@pytest.fixture(params=["llada", "dream", "sdar"])
+def checkpoint(request, llada_dir, dream_dir, sdar_dir):
+    return {"llada": llada_dir, "dream": dream_dir, "sdar": sdar_dir}[request.param]
+
+
+def test_packed_forward_equals_separate_projections(checkpoint):
+    model = load_model(checkpoint)
+    before = forward(model)
+    num_params = sum(p.numel() for p in model.parameters())
+    assert pack_projections(model) == 2 * model.spec.num_layers
+    groups = list(blocks(model))
+    assert groups and all(packed(*g) is not None for g in groups)
+    torch.testing.assert_close(forward(model), before, rtol=1e-5, atol=1e-5)
+    # The members are views of the packed weight: no parameter was copied or added.
+    assert sum(p.numel() for p in model.parameters()) == num_params
+    for group in groups:
+        pack = packed(*group)
+        for member in group:
+            assert member.weight.untyped_storage().data_ptr() == pack.weight.untyped_storage().data_ptr()
+            if member.bias is not None:
+                assert member.bias.untyped_storage().data_ptr() == pack.bias.untyped_storage().data_ptr()
+    assert any(m.bias is not None for g in groups for m in g) == (model.spec.model_type.lower() == "dream")
+
+
+def test_packing_twice_keeps_the_packs(checkpoint):
+    model = load_model(checkpoint)
+    pack_projections(model)
+    first = [packed(*g) for g in blocks(model)]
+    pack_projections(model)
+    assert [packed(*g) for g in blocks(model)] == first
+
+
+def test_weights_loaded_after_packing_reach_the_packed_matmul(checkpoint):
+    model = load_model(checkpoint)
+    other = load_model(checkpoint)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(0.5)
+    expected = forward(other)
+    pack_projections(model)
+    model.load_state_dict(other.state_dict())
+    torch.testing.assert_close(forward(model), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_replaced_weight_makes_its_pack_stale(checkpoint):
+    model = load_model(checkpoint)
+    pack_projections(model)
+    q, k, v = next(g for g in blocks(model) if len(g) == 3)
+    q.weight = torch.nn.Parameter(q.weight.detach().clone() * 2)
+    assert packed(q, k, v) is None
+    # The block falls back to its separate matmuls, so the new weight is used.
+    fresh = load_model(checkpoint)
+    fresh_q = next(g for g in blocks(fresh) if len(g) == 3)[0]
+    with torch.no_grad():
+        fresh_q.weight.mul_(2)
+    torch.testing.assert_close(forward(model), forward(fresh), rtol=1e-5, atol=1e-5)
+
+
+def test_only_the_exact_group_matches(checkpoint):
+    model = load_model(checkpoint)
+    pack_projections(model)
+    q, k, v = next(g for g in blocks(model) if len(g) == 3)
+    assert packed(q, k) is None
+    assert packed(k, q, v) is None
+    assert packed(v) is None
