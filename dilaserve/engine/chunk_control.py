@@ -28,7 +28,10 @@ Rule, each step, over the candidate chunks ``C`` (powers of two and each request
    tokens come from the cache rule (``cache_policy.compute_range``) for that query set;
 2. take the ``c`` with the highest rate among those that keep every request within its
    per-step budget (a request already past its deadline, or one no chunk can save, is not a
-   constraint); if none does, the one with the fewest requests over budget;
+   constraint); if none does, the one with the fewest requests over budget. Among the chunks
+   whose rate is within ``RATE_MARGIN`` of that best rate (and no more requests late), take
+   the largest: a smaller chunk must win by more than the cost model's error to be worth
+   its extra steps (the load benchmark's latency fits err by ~5% at the median);
 3. repair: a request still over budget gets its next larger chunk (more decided per step,
    fewer steps) while that brings it within budget without pushing another request out, the
    most urgent first.
@@ -48,6 +51,8 @@ from dilaserve.engine.cost_model import StepCost, StepShape, expected_tokens_per
 from dilaserve.engine.request import Request
 
 CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128)
+# A smaller chunk is chosen only when its predicted rate beats a larger one's by more than this.
+RATE_MARGIN = 0.05
 
 
 class ChunkController(Protocol):
@@ -175,13 +180,14 @@ class AdaptiveChunk:
             step_s = max(cost.fixed_s + float(coef @ totals), 1e-9)
             return float(decided.sum()) / step_s, step_s * remaining > left * decided
 
-        best_key, best_choice = None, None
+        trials = []
         for c in sorted({o.chunk for opts in options for o in opts}):
             choice = [max(k for k, o in enumerate(opts) if o.chunk <= c or k == 0) for opts in options]
             rate, late = evaluate(choice)
-            key = (-int(late.sum()), rate)
-            if best_key is None or key > best_key:
-                best_key, best_choice = key, choice
+            trials.append((-int(late.sum()), rate, choice))
+        best_late, best_rate, _ = max(trials, key=lambda t: (t[0], t[1]))
+        # The largest chunk (trials go up in c) whose rate is within the margin of the best.
+        best_choice = [t for t in trials if t[0] == best_late and t[1] >= (1 - RATE_MARGIN) * best_rate][-1][2]
         choice = self._repair(best_choice, options, left / remaining, evaluate)
         result = {r.request_id: opts[k].chunk for r, opts, k in zip(requests, options, choice)}
         self.last_choice = result

@@ -88,6 +88,7 @@ class EngineCore:
                                   shift_logits=self.spec.shift_logits, acceptance_profile=self.config.acceptance_profile),
             self.spec.shift_logits, clock, self._remaining_s, step_cost=lambda: self.cost.cost,
             memory=memory or StepMemoryModel.for_spec(spec),
+            tokens_per_step=lambda r: self.tokens_per_step(r.params, r.threshold),
         )
         self._inbox: deque[tuple[str, object]] = deque()
         self._lock = threading.Lock()

@@ -7,10 +7,16 @@ waiting requests in the same order while KV pages and budgets allow. A request t
 fit simply waits for the next step; nothing is dropped.
 
 Two bounds are optional (off by default):
-- ``refresh_bound="auto"``: the refresh part of a step may add at most ``refresh_slowdown``
-  times the predicted time of the step's reuse part (the cost model, from a latency profile),
-  so reuse-phase requests see bounded step-time spikes (phase-mixed batching); still at most
-  ``max_refresh_tokens``, and the first refresh of a step always runs;
+- ``refresh_bound="auto"`` (phase-mixed batching): the refresh part of a step may add at most
+  the larger of (a) ``refresh_slowdown`` times the predicted time of the step's reuse part and
+  (b) ``REFRESH_CATCH_UP`` times the refresh time the batch needs per step on average (each
+  running or joinable request's refresh, priced by the cost model, over the steps it runs
+  between refreshes: a block's expected steps at its tokens decided per step). Times come from
+  the cost model (a latency profile). (a) keeps reuse-phase requests' step times from spiking
+  when refreshes bunch up (block starts of requests admitted together); (b) keeps the bound
+  above the sustained refresh rate, so the bound spreads refreshes over steps without capping
+  the running set (with (a) alone a small batch admitted one refresh a step and never grew).
+  Still at most ``max_refresh_tokens``, and the first refresh of a step always runs;
 - ``step_memory_gib``: the step's predicted transient memory (activations, attention,
   logits; ``memory.py``) stays under the budget, which caps the batch by real memory.
 """
@@ -25,7 +31,7 @@ from typing import Callable
 from dilaserve.engine.cache_policy import compute_range, needs_refresh
 from dilaserve.engine.chunk_control import ChunkController
 from dilaserve.engine.config import EngineConfig
-from dilaserve.engine.cost_model import StepCost, StepShape
+from dilaserve.engine.cost_model import StepCost, StepShape, expected_tokens_per_step
 from dilaserve.engine.kv_pages import PageAllocator
 from dilaserve.engine.memory import MemoryTally, StepMemoryModel
 from dilaserve.engine.plan import ScheduledRequest, StepOutput, StepPlan
@@ -33,12 +39,17 @@ from dilaserve.engine.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
 
+# "auto" refresh bound: the step's refresh budget is at least this times the batch's mean
+# refresh demand per step, so a backlog of due refreshes drains within a few steps.
+REFRESH_CATCH_UP = 1.25
+
 
 class Scheduler:
     def __init__(
         self, config: EngineConfig, allocator: PageAllocator, chunk_control: ChunkController,
         shift_logits: bool, clock: Callable[[], float], remaining_s: Callable[[Request], float] | None = None,
         step_cost: Callable[[], StepCost] | None = None, memory: StepMemoryModel | None = None,
+        tokens_per_step: Callable[[Request], float] | None = None,
     ):
         self.config = config
         self.allocator = allocator
@@ -47,6 +58,7 @@ class Scheduler:
         self.clock = clock
         self.remaining_s = remaining_s or (lambda r: 0.0)
         self.step_cost = step_cost or StepCost
+        self.tokens_per_step = tokens_per_step or _prior_tokens_per_step
         self.memory = memory if config.step_memory_gib is not None else None
         if config.refresh_bound not in ("fixed", "auto"):
             raise ValueError(f"refresh_bound must be 'fixed' or 'auto', got {config.refresh_bound!r}")
@@ -114,17 +126,35 @@ class Scheduler:
         if item.is_refresh and self._refresh_budget_s is not None:
             self._refresh_shape = self._refresh_shape + _shape(item)
 
-    def _begin_plan(self, running_items: list[ScheduledRequest]) -> None:
-        """Sets this step's bounds: memory, and the "auto" refresh budget from the reuse part."""
+    def _begin_plan(self, running_items: list[ScheduledRequest], joining: list[Request]) -> None:
+        """Sets this step's bounds: memory, and the "auto" refresh budget (see the module)."""
         self._memory_tally = MemoryTally(self.memory, self.config.step_memory_gib * 2**30) if self.memory else None
         self._refresh_shape = StepShape(0, 0)
         self._refresh_budget_s = None
         if self.config.refresh_bound == "auto":
+            cost = self.step_cost()
             reuse = StepShape(0, 0)
             for item in running_items:
                 if not item.is_refresh:
                     reuse = reuse + _shape(item)
-            self._refresh_budget_s = self.config.refresh_slowdown * self.step_cost().shape_s(reuse)
+            demand_s = sum(self._refresh_demand_s(cost, r) for r in self.running + joining)
+            self._refresh_budget_s = max(self.config.refresh_slowdown * cost.shape_s(reuse),
+                                         REFRESH_CATCH_UP * demand_s)
+
+    def _refresh_demand_s(self, cost: StepCost, request: Request) -> float:
+        """Seconds of refresh work ``request`` adds per step on average: its refresh's cost over
+        the steps between its refreshes."""
+        params = request.params
+        if params.cache == "exact":
+            return 0.0
+        n = request.seq_len
+        refresh_s = cost.shape_s(StepShape(n, n, n * n, 1, 1, n)) - cost.fixed_s
+        if params.cache == "none":
+            return refresh_s
+        block_steps = max(1.0, params.block_size / max(self.tokens_per_step(request), 1e-9))
+        if params.refresh_interval:
+            block_steps /= math.ceil(block_steps / params.refresh_interval)
+        return refresh_s / block_steps
 
     def schedule(self) -> StepPlan:
         plan = StepPlan()
@@ -135,7 +165,7 @@ class Scheduler:
         joining = ordered[:max(0, self.config.max_running - len(self.running))]
         chunks = self.chunk_control.choose(self.running + joining)
         items = [self._item(request, chunks[request.request_id]) for request in self.running]
-        self._begin_plan(items)
+        self._begin_plan(items, joining)
         for item in items:
             if self._fits(plan, item):
                 self._add(plan, item)
@@ -186,6 +216,12 @@ class Scheduler:
                 self._finish(request, request.finish_reason)
             updates.append((request, new_tokens))
         return updates
+
+
+def _prior_tokens_per_step(request: Request) -> float:
+    params = request.params
+    steps = params.steps // params.num_blocks if params.steps is not None else None
+    return expected_tokens_per_step(request.threshold, params.block_size, steps)
 
 
 def _shape(item: ScheduledRequest) -> StepShape:

@@ -102,3 +102,27 @@ def test_factory():
     assert isinstance(make_chunk_controller("adaptive", cost=lambda: IDLE_GPU, clock=lambda: 0.0), AdaptiveChunk)
     with pytest.raises(ValueError, match="adaptive"):
         make_chunk_controller("nope")
+
+
+def test_a_smaller_chunk_must_win_by_more_than_the_margin():
+    """Decided tokens 32 -> 8 at a chunk of 32 vs 16 -> 7.6 (5% less) at 16: with steps that cost
+    just over 5% less at 16 the rates differ by less than RATE_MARGIN (keep 32); with steps
+    costing half, 16 wins clearly."""
+    from dilaserve.engine import chunk_control
+
+    def flat(threshold, block, q):
+        return {32: 8.0, 16: 7.6}.get(q, min(float(q), 7.0))
+
+    def choose(cost):
+        ctl = AdaptiveChunk(lambda: cost, lambda: 0.0, estimator=DecidedEstimator(flat), candidates=(16, 32))
+        return set(ctl.choose(make_requests(4)).values())
+
+    # 4 x 32 tokens vs 4 x 16: the step time falls by 64 x per_token over fixed + 128 x per_token.
+    near = StepCost(fixed_s=1.0, per_token_s=0.1 / 64 * 1.0, per_context_s=0.0)  # 16-chunk step ~8.9% cheaper
+    rate32 = 32 / near.step_s(128, 0)
+    rate16 = 4 * 7.6 / near.step_s(64, 0)
+    assert 1.0 < rate16 / rate32 < 1 + chunk_control.RATE_MARGIN
+    assert choose(near) == {32}
+    far = StepCost(fixed_s=0.05, per_token_s=1e-3, per_context_s=0.0)
+    assert 4 * 7.6 / far.step_s(64, 0) > (1 + chunk_control.RATE_MARGIN) * 32 / far.step_s(128, 0)
+    assert choose(far) == {16}

@@ -63,6 +63,74 @@ def test_auto_refresh_bound_follows_the_cost_model():
     assert s.schedule().num_refresh_tokens == 6 * 128
 
 
+# An 8B model on a GPU, roughly: a step's reuse part is nearly flat (weight reads), a refresh
+# of a 512-token sequence costs ~4x a reuse step.
+GPU_LIKE = StepCost(fixed_s=6e-3, per_token_s=4.7e-5, per_context_s=0.0)
+
+
+def long_request(i: int) -> Request:
+    return Request(f"q{i}", [1] * 480, SamplingParams(max_tokens=256, block_size=32), MASK, frozenset({98}), float(i),
+                   threshold=0.9)
+
+
+def closed_loop_running(s: Scheduler, concurrency: int, steps: int, decided_per_step: int) -> list[int]:
+    """Steps the scheduler alone (each query set decides its first ``decided_per_step``
+    positions), keeping ``concurrency`` requests in the system; returns the running count a step."""
+    from dilaserve.engine.plan import Decision, StepOutput
+
+    added = 0
+    counts = []
+    for _ in range(steps):
+        while len(s.waiting) + len(s.running) < concurrency:
+            s.add(long_request(added))
+            added += 1
+        plan = s.schedule()
+        counts.append(len(plan.items))
+        decisions = {}
+        for item in plan.items:
+            positions = item.query_positions[:decided_per_step]
+            decisions[item.request.request_id] = Decision(tuple(positions), tuple(5 for _ in positions))
+        s.update(plan, StepOutput(decisions))
+    return counts
+
+
+def test_auto_refresh_bound_keeps_up_with_the_refresh_demand(monkeypatch):
+    """64 requests decoding 8 tokens a step refresh every 4 steps: the bound must let ~16
+    refreshes a step through, or the running set shrinks to what one refresh a step sustains."""
+    def run():
+        s = scheduler(GPU_LIKE, refresh_bound="auto", refresh_slowdown=1.0, max_running=64,
+                      max_refresh_tokens=1 << 20, max_batch_tokens=1 << 20)
+        s.tokens_per_step = lambda r: 8.0
+        return closed_loop_running(s, 64, 80, 8)
+
+    counts = run()
+    assert min(counts[20:]) >= 60, counts
+    # With the slowdown term alone (the rule before the demand term) the batch collapsed.
+    from dilaserve.engine import scheduler as scheduler_module
+
+    monkeypatch.setattr(scheduler_module, "REFRESH_CATCH_UP", 0.0)
+    assert sum(run()[20:]) / 60 < 20
+
+
+def test_auto_refresh_bound_staggers_a_burst_of_block_starts():
+    """All 64 requests reach a block start in the same step: about REFRESH_CATCH_UP x the mean
+    demand (64 refreshes every 4 steps -> ~20) run now, the rest in the next steps."""
+    from dilaserve.engine.request import RequestStatus
+
+    s = scheduler(GPU_LIKE, refresh_bound="auto", refresh_slowdown=1.0, max_running=64,
+                  max_refresh_tokens=1 << 20, max_batch_tokens=1 << 20)
+    s.tokens_per_step = lambda r: 8.0
+    for i in range(64):
+        r = long_request(i)
+        r.has_cache, r.step_in_block = True, 0
+        r.pages = s.allocator.allocate(r.kv_tokens)
+        r.set_status(RequestStatus.RUNNING)
+        s.running.append(r)
+    plan = s.schedule()
+    refreshes = sum(item.is_refresh for item in plan.items)
+    assert 16 <= refreshes <= 24
+
+
 def test_first_refresh_always_runs_under_auto():
     s = scheduler(StepCost(fixed_s=1.0, per_token_s=1.0, per_context_s=0.0), refresh_bound="auto")
     s.add(request(0))
