@@ -3,8 +3,10 @@
 Every mode runs the same workload through the real ``Engine`` (scheduler, model runner, KV
 pages) on one device:
 
-- ``block32``: fixed chunk = the whole block (plain Fast-dLLM-style block decoding);
-- ``chunk16`` / ``chunk8`` / ``chunk4``: fixed chunks (Optimus's fixed granularities);
+- ``block``: fixed chunk = the whole block (plain Fast-dLLM-style block decoding; 32 here,
+  the block size from the config for a block-causal model: 4 for SDAR);
+- ``chunk16`` / ``chunk8`` / ``chunk4`` / ``chunk2``: fixed chunks (Optimus's fixed
+  granularities; those not smaller than the block are left out);
 - ``ar1``: one position per step (the autoregressive-equivalent cost);
 - ``adaptive``: the saturation-aware chunk controller (``chunk_control.AdaptiveChunk``) with
   the refresh bound derived from the latency profile (``refresh_bound="auto"``);
@@ -55,20 +57,28 @@ from dilaserve.engine.memory import StepMemoryModel
 from dilaserve.engine.plan import Decision, StepOutput
 from dilaserve.engine.profiling import Grid, measure_grid
 from dilaserve.engine.random_model import SHAPES, build_model
+from dilaserve.engine.scheduler import REFRESH_CATCH_UP
 from dilaserve.engine.sampling_params import SamplingParams
 from dilaserve.models.paged_attention import PagedKVCache
-from dilaserve.planner.profiles import DEFAULT_PROFILES_DIR
 
-DEFAULT_ACCEPTANCE = DEFAULT_PROFILES_DIR / "acceptance_dilaserve-tiny-arith.json"
+# The shipped profile, by path: importing dilaserve.planner would need PuLP, which GPU images lack.
+DEFAULT_ACCEPTANCE = (Path(__file__).resolve().parents[1] / "dilaserve" / "planner" / "default_profiles"
+                      / "acceptance_dilaserve-tiny-arith.json")
 MODES = {  # name: (chunk control, fixed chunk or None, refresh bound)
-    "block32": ("fixed", 32, "unbounded"),
+    "block": ("fixed", None, "unbounded"),
     "chunk16": ("fixed", 16, "unbounded"),
     "chunk8": ("fixed", 8, "unbounded"),
     "chunk4": ("fixed", 4, "unbounded"),
+    "chunk2": ("fixed", 2, "unbounded"),
     "ar1": ("fixed", 1, "unbounded"),
     "adaptive": ("adaptive", None, "auto"),
     "adaptive_unbounded": ("adaptive", None, "unbounded"),
 }
+
+
+def cache_mode(spec) -> str:
+    """Bidirectional models decode with the dual cache; block-causal ones with the exact cache."""
+    return "exact" if spec.causal_block_size else "dual"
 
 
 class AcceptanceRunner:
@@ -130,7 +140,7 @@ def run_point(model, args, mode: str, load: dict, acceptance: AcceptanceProfile,
     runner = AcceptanceRunner(engine.runner, acceptance, token_id, memory, seed)
     engine.runner = runner
     params = SamplingParams(max_tokens=args.max_tokens, block_size=args.block, threshold=args.threshold,
-                            chunk_size=chunk, cache="dual", min_chunk=1, max_chunk=None,
+                            chunk_size=chunk, cache=cache_mode(spec), min_chunk=1, max_chunk=None,
                             kv_retention=args.kv_retention)
     gen = torch.Generator().manual_seed(seed)
     high = min(spec.mask_token_id, spec.eos_token_id)
@@ -244,15 +254,17 @@ def markdown(result: dict) -> str:
         f"{result['latency_holdout'].get('median_rel_error', float('nan')):.1%}, max {result['latency_holdout'].get('max_rel_error', float('nan')):.1%}).",
         "",
         f"Workload: prompt {s['prompt_len']}, {s['max_tokens']} generated, block {s['block']}, threshold {s['threshold']}, "
-        f"dual cache; {s['duration_s']} s per point (first {s['warmup_s']} s not counted in tokens/s); "
-        f"max batch tokens {s['max_batch_tokens']}. Refresh bound ('auto', slowdown {s['refresh_slowdown']}) "
-        f"at a reuse batch of 64 x block: ~{result.get('auto_refresh_tokens_at_64', '-')} tokens.",
+        f"{result.get('cache', 'dual')} cache; {s['duration_s']} s per point (first {s['warmup_s']} s not counted in tokens/s); "
+        f"max batch tokens {s['max_batch_tokens']}. Refresh bound ('auto', slowdown {s['refresh_slowdown']}): "
+        f"the larger of the slowdown term (at a reuse batch of 64 x block: "
+        f"~{result.get('auto_refresh_tokens_at_64', '-')} tokens) and {REFRESH_CATCH_UP} x the batch's mean "
+        "refresh demand per step (see `engine/scheduler.py`).",
         "",
-        "| mode | load | decided tok/s | x block32 | p50 TPOT ms | p90 TPOT ms | p99 e2e s | mean chunk | finished | "
+        "| mode | load | decided tok/s | x block | p50 TPOT ms | p90 TPOT ms | p99 e2e s | mean chunk | finished | "
         "peak step GiB (measured / predicted) | full fp32 logits GiB |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    base = {load_label(r["load"]): r["decided_tokens_per_s"] for r in result["rows"] if r.get("mode") == "block32" and "skipped" not in r}
+    base = {load_label(r["load"]): r["decided_tokens_per_s"] for r in result["rows"] if r.get("mode") == "block" and "skipped" not in r}
 
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
@@ -304,10 +316,11 @@ def quick_latency_profile(model, args, out: Path, device_name: str) -> Path:
     """A small latency profile of this model on this device (the adaptive controller's input)."""
     seq = args.prompt_len + args.max_tokens
     batches = (1, 2, 4) if args.smoke else (1, 4, 16, 64, 128)
-    grid = Grid(batch_sizes=batches, chunks=(1, 4, 8, 16, 32) if not args.smoke else (1, 8, 32), contexts=(seq,),
+    chunks = tuple(c for c in ((1, 4, 8, 16, 32) if not args.smoke else (1, 8, 32)) if c < args.block) + (args.block,)
+    grid = Grid(batch_sizes=batches, chunks=chunks, contexts=(seq,),
                 block_size=args.block, max_step_tokens=args.max_batch_tokens, warmup=1, repeats=2 if args.smoke else 3)
     points = measure_grid(model, grid, kernels=args.kernels)
-    meta = {"model": args.model_name, "device": device_name, "cache": "dual", "block_size": args.block,
+    meta = {"model": args.model_name, "device": device_name, "cache": cache_mode(model.spec), "block_size": args.block,
             "date": datetime.date.today().isoformat()}
     return save_profile(profile_dict(points, meta), out / f"latency_{args.model_name}_quick.json")
 
@@ -356,6 +369,8 @@ def main() -> None:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     torch.manual_seed(0)
     model = build_model(SHAPES[shape_name], device)
+    if model.spec.causal_block_size:  # block-causal (SDAR): the model's own block, exact cache
+        args.block = model.spec.causal_block_size
     acceptance = AcceptanceProfile.load(args.acceptance)
 
     def log(msg: str) -> None:
@@ -386,7 +401,7 @@ def main() -> None:
     stem = out / f"load_{slug}_{date}{sparse}{'_smoke' if args.smoke else ''}"
     result = {
         "benchmark": "bench_load", "date": date, "device": device_name, "model": args.model_name,
-        "random_weights": True, "acceptance_profile": str(args.acceptance),
+        "random_weights": True, "cache": cache_mode(spec), "acceptance_profile": str(args.acceptance),
         "acceptance_model": acceptance.data.get("model", "?"), "latency_profile": str(latency_path),
         "latency_fit": latency["fit"], "latency_holdout": latency.get("holdout", {}), "kv_pages": num_pages,
         "auto_refresh_tokens_at_64": refresh_token_bound(cost, reuse64, seq, args.refresh_slowdown),
@@ -399,10 +414,10 @@ def main() -> None:
         stem.with_suffix(".md").write_text(markdown(result))
         plot_choices(result, stem.with_name(stem.name + "_chunks.png"))
 
-    modes = [m for m in args.modes.split(",") if m]
+    modes = [m for m in args.modes.split(",") if m and (MODES[m][1] is None or MODES[m][1] < args.block)]
     # Warm-up (kernel compilation, allocator) outside the timed points.
     warm = argparse.Namespace(**{**vars(args), "duration_s": min(2.0, args.duration_s / 2), "warmup_s": 0.0})
-    for mode in ("block32", "adaptive"):
+    for mode in ("block", "adaptive"):
         run_point(model, warm, mode, {"kind": "closed", "concurrency": 2}, acceptance, str(latency_path), num_pages, 0)
     log("warm-up done")
     loads = [{"kind": "closed", "concurrency": c} for c in concurrencies]

@@ -2,6 +2,7 @@
 # GPU checks and benchmarks in one go, for a lent GPU machine (see docs/benchmarks/README.md).
 #   OUT=dir bash scripts/gpu_checks.sh tests,numerics,fused,engine,block,profile,load
 #   OUT=dir bash scripts/gpu_checks.sh sparse          # #14: long-context reuse steps, dense vs kv_retention 0.5
+#   OUT=dir bash scripts/gpu_checks.sh sdar-profile,sdar-load   # #12: the block-causal (SDAR-8B shape) case
 #   OUT=dir bash scripts/gpu_checks.sh tp,tp-profile   # #10: needs 2 GPUs (tp-serve also needs Ray's wheels)
 # Each part writes its log and results under $OUT; a failing part does not stop the others.
 set -uo pipefail
@@ -27,13 +28,17 @@ part engine python3 scripts/bench_engine.py --out "$OUT" --budget-s "${ENGINE_BU
 part block python3 scripts/bench_block_diffusion.py --out "$OUT"
 part profile python3 -m dilaserve.cli profile latency --shape llada-8b --device cuda --out "$OUT/profiles"
 part load python3 scripts/bench_load.py --out "$OUT/load" --concurrency 1,16,64,256 --rates '' --duration-s 12 --budget-s "${LOAD_BUDGET_S:-400}"
+part sdar-profile python3 -m dilaserve.cli profile latency --shape sdar-8b --device cuda --batch-sizes 1,8,32,64 \
+  --chunks 1,2,4 --block-size 4 --contexts 512,1024 --out "$OUT/profiles-sdar"
+part sdar-load python3 scripts/bench_load.py --shape sdar-8b --out "$OUT/load-sdar" --concurrency 1,16,64 --rates '' \
+  --duration-s 10 --budget-s "${SDAR_LOAD_BUDGET_S:-240}"
 part sparse-profile python3 -m dilaserve.cli profile latency --shape llada-8b --device cuda --phases refresh,reuse \
   --batch-sizes 1,8,32 --chunks 32 --contexts 2048,4096 --out "$OUT/profiles-dense"
 part sparse-profile-kv python3 -m dilaserve.cli profile latency --shape llada-8b --device cuda --phases refresh,reuse \
   --batch-sizes 1,8,32 --chunks 32 --contexts 2048,4096 --kv-retention 0.5 --out "$OUT/profiles-kv0.5"
-part sparse-load python3 scripts/bench_load.py --out "$OUT/load-long" --prompt-len 2048 --modes block32 \
+part sparse-load python3 scripts/bench_load.py --out "$OUT/load-long" --prompt-len 2048 --modes block \
   --concurrency 1,16,64 --rates '' --duration-s 10 --budget-s 200
-part sparse-load-kv python3 scripts/bench_load.py --out "$OUT/load-long" --prompt-len 2048 --modes block32 \
+part sparse-load-kv python3 scripts/bench_load.py --out "$OUT/load-long" --prompt-len 2048 --modes block \
   --concurrency 1,16,64 --rates '' --duration-s 10 --budget-s 200 --kv-retention 0.5 --sparse-scratch-tokens 16384
 part tp python3 scripts/bench_tensor_parallel.py --out "$OUT/tp" --degree 2 --concurrency 1,8,32,128
 part tp-profile python3 -m dilaserve.cli profile latency --shape llada-8b --device cuda --tensor-parallel 1,2 \

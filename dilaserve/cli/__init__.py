@@ -19,8 +19,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="WARNING", help="logging level (DEBUG, INFO, WARNING)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMANDS:
-        importlib.import_module(f"dilaserve.cli.{name.replace('-', '_')}").add_parser(sub)
+        try:
+            importlib.import_module(f"dilaserve.cli.{name.replace('-', '_')}").add_parser(sub)
+        except ModuleNotFoundError as exc:
+            if not exc.name or exc.name.split(".")[0] == "dilaserve":
+                raise
+            _add_unavailable(sub, name, exc.name)  # e.g. a GPU image without Ray or PuLP
     return parser
+
+
+def _add_unavailable(sub, name: str, package: str) -> None:
+    """A subcommand whose optional dependency is missing: it says so when run; the others work."""
+    def run(args: argparse.Namespace) -> int:
+        raise DiLaServeError(f"this command needs the Python package {package!r}, which is not installed "
+                             "(see the README's set-up)")
+
+    p = sub.choices.get(name)
+    if p is None:
+        p = sub.add_parser(name, help=f"(unavailable: needs {package})")
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(run=run)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,6 @@ import json
 from pathlib import Path
 
 from dilaserve.cli.eval import add_common, load_engine
-from dilaserve.planner.profiles import DEFAULT_PROFILES_DIR
 
 DEFAULT_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
@@ -67,7 +66,8 @@ def add_parser(sub) -> None:
     add_common(acc)
     acc.add_argument("--thresholds", type=lambda s: [float(x) for x in s.split(",")], default=[0.5, 0.7, 0.8, 0.9, 0.95])
     acc.add_argument("--chunks", type=_ints, default=[1, 2, 4, 8, 16, 32])
-    acc.add_argument("--out", default=str(DEFAULT_PROFILES_DIR), help="directory for acceptance_<model>.json")
+    acc.add_argument("--out", default=None,
+                     help="directory for acceptance_<model>.json (default: the planner's default profiles)")
     acc.set_defaults(run=run_acceptance)
 
 
@@ -241,7 +241,8 @@ def _profile_degree(args, model, model_name: str, device_name: str, dtype, grid,
     else:
         kv_bytes = 2**30
     meta = {"model": model_name, "device": device_name, "dtype": str(dtype).removeprefix("torch."),
-            "kernels": args.kernels, "cache": "dual", "block_size": args.block_size, "tensor_parallel": degree,
+            "kernels": args.kernels, "cache": "exact" if spec.causal_block_size else "dual",
+            "block_size": args.block_size, "tensor_parallel": degree,
             "kv_retention": args.kv_retention,
             "date": datetime.date.today().isoformat(), "torch": torch.__version__,
             "grid": {"batch_sizes": list(grid.batch_sizes), "chunks": list(grid.chunks),
@@ -312,6 +313,10 @@ def run_acceptance(args: argparse.Namespace) -> int:
         block_size=args.block_size, thresholds=args.thresholds, chunks=args.chunks, cache=args.cache,
         progress=lambda line: print(line, flush=True))
     profile.update(model=model_name, device=args.device, dtype=args.dtype, date=datetime.date.today().isoformat())
+    if args.out is None:  # imported here: the planner needs PuLP, which latency profiling does not
+        from dilaserve.planner.profiles import DEFAULT_PROFILES_DIR
+
+        args.out = str(DEFAULT_PROFILES_DIR)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"acceptance_{model_name}.json"

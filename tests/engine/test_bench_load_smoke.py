@@ -18,12 +18,14 @@ def test_bench_load_smoke(tmp_path):
     rows = [r for r in report["rows"] if "error" not in r and "skipped" not in r]
     assert not [r for r in report["rows"] if "error" in r]
     modes = {r["mode"] for r in rows}
-    assert modes == {"block32", "chunk16", "chunk8", "chunk4", "ar1", "adaptive", "adaptive_unbounded"}
+    assert modes == {"block", "chunk16", "chunk8", "chunk4", "chunk2", "ar1", "adaptive", "adaptive_unbounded"}
     assert {r["load"]["kind"] for r in rows} == {"closed", "poisson"}
     for r in rows:
         assert r["decided_tokens_per_s"] > 0 and r["engine_steps"] > 0
-        if r["mode"].startswith("chunk") or r["mode"] in ("ar1", "block32"):
+        if r["mode"].startswith("chunk") or r["mode"] == "ar1":
             assert r["mean_chunk"] == r["chunk"]
+        if r["mode"] == "block":
+            assert r["mean_chunk"] == 32
     md = path.with_suffix(".md").read_text()
     assert "| adaptive |" in md and "acceptance" in md.lower()
     assert path.with_name(path.stem + "_chunks.png").stat().st_size > 0
