@@ -34,8 +34,8 @@ from dilaserve.serving.config import ServeConfig
 from dilaserve.serving.dispatcher import Dispatched, Dispatcher, ReplicaRef
 from dilaserve.serving.load_counters import LoadCounters
 from dilaserve.serving.openai_protocol import (
-    ApiError, ChatCompletionRequest, CompletionRequest, StrictBody, invalid, parse_body, resolve_max_tokens,
-    slo_targets, to_sampling_params,
+    ApiError, ChatCompletionRequest, CompletionRequest, StrictBody, invalid, model_defaults, parse_body,
+    resolve_max_tokens, slo_targets, to_sampling_params,
 )
 from dilaserve.serving.openai_responses import SSE_DONE, ResponseContext, sse
 from dilaserve.serving.progress import ResponseProgress
@@ -187,7 +187,7 @@ class OpenAIIngress:
             raise invalid(f"the prompt has {len(prompt_ids)} tokens; this server accepts at most {limit}", "prompt")
         max_tokens = resolve_max_tokens(req.requested_max_tokens(), self.config.defaults.max_tokens,
                                         len(prompt_ids), served.spec.max_positions)
-        params = to_sampling_params(req, self.config.defaults, max_tokens=max_tokens,
+        params = to_sampling_params(req, model_defaults(self.config.defaults, served.spec), max_tokens=max_tokens,
                                     default_floor=self.config.slo.quality_floor, stop_token_ids=served.stop_token_ids)
         request_id = f"{'chatcmpl' if is_chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.load.arrive()

@@ -218,6 +218,14 @@ def resolve_max_tokens(requested: int | None, default: int, prompt_len: int, max
     return min(default, room)
 
 
+def model_defaults(defaults: RequestDefaults, spec) -> RequestDefaults:
+    """The sampling defaults for one model: a block-causal model (SDAR) decodes its own blocks
+    with the exact cache, whatever the server-wide block length and cache mode say."""
+    if not spec.causal_block_size:
+        return defaults
+    return dataclasses.replace(defaults, block_length=spec.causal_block_size, cache="exact", kv_retention=None)
+
+
 def to_sampling_params(
     req: _GenerationRequest, defaults: RequestDefaults, *, max_tokens: int, default_floor: float | None = None,
     stop_token_ids: tuple[int, ...] = (),
