@@ -60,6 +60,10 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (h * cos + rotated * sin).to(x.dtype)
 
 
+# The fused path runs a step's MLP on at most this many tokens at a time (see _fused_block).
+MLP_CHUNK_TOKENS = 2048
+
+
 @dataclass(frozen=True)
 class BlockOps:
     """Fused element-wise operations of a block (the GPU fast path's Triton kernels, see
@@ -133,5 +137,17 @@ def _fused_block(x, layer_idx, attn_norm, q_proj, k_proj, v_proj, o_proj, mlp_no
     a = attn(layer_idx, q, k, v)
     h, x = ops.add_rms_norm(o_proj(a.reshape(n, -1)), x, mlp_norm.weight, mlp_norm.eps)
     gate_up = packed(gate_proj, up_proj)
-    gate, up = gate_up(h) if gate_up is not None else (gate_proj(h), up_proj(h))
-    return x + down_proj(ops.silu_mul(gate, up))
+
+    def mlp(rows: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up(rows) if gate_up is not None else (gate_proj(rows), up_proj(rows))
+        return down_proj(ops.silu_mul(gate, up))
+
+    if n <= MLP_CHUNK_TOKENS:
+        return x + mlp(h)
+    # A large step (refreshes of many requests): the MLP's [tokens, 3 x intermediate] temporaries
+    # are a step's largest memory; in slices of MLP_CHUNK_TOKENS rows they stay bounded.
+    out = torch.empty_like(x)
+    for start in range(0, n, MLP_CHUNK_TOKENS):
+        end = min(start + MLP_CHUNK_TOKENS, n)
+        torch.add(x[start:end], mlp(h[start:end]), out=out[start:end])
+    return out

@@ -98,3 +98,15 @@ def test_only_the_exact_group_matches(checkpoint):
     assert packed(q, k) is None
     assert packed(k, q, v) is None
     assert packed(v) is None
+
+
+def test_mlp_in_slices_equals_the_whole(checkpoint, monkeypatch):
+    """A step longer than MLP_CHUNK_TOKENS runs its MLP slice by slice: same hidden states."""
+    from dilaserve.models import layers
+
+    model = load_model(checkpoint)
+    pack_projections(model)
+    whole = forward(model, lens=(7, 12, 5))
+    monkeypatch.setattr(layers, "MLP_CHUNK_TOKENS", 5)  # 24 tokens: slices of 5, the last of 4
+    torch.testing.assert_close(forward(model, lens=(7, 12, 5)), whole, rtol=1e-6, atol=1e-6)
+
