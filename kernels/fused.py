@@ -6,8 +6,11 @@ sits beside a pure-torch reference written the same way as that code:
 - ``rms_norm(x, w, eps)``: ``w * (x.float() * rsqrt(mean(x.float()**2) + eps)).to(x.dtype)``;
   the normalised row is rounded to x's dtype *before* the scale (as LLaDA and Qwen2 do), the
   product is in ``promote_types(w.dtype, x.dtype)``.
-- ``add_rms_norm(x, residual, w, eps)``: ``s = x + residual`` (rounded to their dtype, as torch
-  adds), returns ``(rms_norm(s, w, eps), s)``: the block's residual add fused with the next norm.
+- ``add_rms_norm(x, residual, w, eps)``: ``s = x + residual`` (rounded to the residual's dtype:
+  torch's add for one dtype), returns ``(rms_norm(s, w, eps), s)``: the block's residual add
+  fused with the next norm. The residual stream may be float32 while ``x`` (a projection's
+  output) is bf16 / fp16: the stream then never rounds (see ``layers.BlockOps``). Both norms
+  take ``out_dtype`` for their output (default: ``promote_types(w.dtype, stream dtype)``).
 - ``rotary(q, k, cos, sin[, positions])``: the half-split (NeoX / LLaMA) rotation of every query
   and key head, in float32, rounded back to the input dtype; q and k in one launch. ``cos`` /
   ``sin`` are per-token rows, or whole tables indexed by ``positions`` inside the kernel.
@@ -73,11 +76,11 @@ def _round(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
 @triton.jit
 def _load_row_chunk(x_ptr, res_ptr, sum_ptr, rows, cols, mask, stride_x, stride_r, stride_s,
                     HAS_RESIDUAL: tl.constexpr, INTERPRETED: tl.constexpr):
-    """The input row chunk in float32: x, or x + residual rounded to x's dtype (and stored)."""
+    """The input row chunk in float32: x, or x + residual rounded to the stream's dtype (and stored)."""
     x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
-        x = _round(x.to(tl.float32) + r.to(tl.float32), x_ptr.dtype.element_ty, INTERPRETED)
+        x = _round(x.to(tl.float32) + r.to(tl.float32), sum_ptr.dtype.element_ty, INTERPRETED)
         tl.store(sum_ptr + rows[:, None] * stride_s + cols[None, :], x, mask=mask)
     return x.to(tl.float32)
 
@@ -102,7 +105,10 @@ def _rms_norm_kernel(
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < num_rows
     rows = rows.to(tl.int64)
-    x_dtype = x_ptr.dtype.element_ty
+    if HAS_RESIDUAL:  # the normalised row is rounded to the residual stream's dtype
+        x_dtype = sum_ptr.dtype.element_ty
+    else:
+        x_dtype = x_ptr.dtype.element_ty
     if NUM_CHUNKS == 1:  # the whole row stays in registers
         cols = tl.arange(0, BLOCK_D)
         mask = row_ok[:, None] & (cols < dim)[None, :]
@@ -133,21 +139,26 @@ def _rms_norm_kernel(
             _scale_row_chunk(x, rstd, w_ptr, out_ptr, rows, cols, mask, dim, stride_o, x_dtype, INTERPRETED)
 
 
-def _norm_launch(x, residual, weight, eps, out, residual_out):
+def _norm_launch(x, residual, weight, eps, out, residual_out, out_dtype=None):
     if x.dim() != 2 or weight.dim() != 1 or weight.shape[0] != x.shape[1]:
         raise ValueError(f"x must be [N, D] and weight [D], got {tuple(x.shape)} and {tuple(weight.shape)}")
     _check_float(x=x, weight=weight)
     _check_last_dim_contiguous(x=x, weight=weight)
+    stream_dtype = x.dtype
     if residual is not None:
-        if residual.shape != x.shape or residual.dtype != x.dtype:
-            raise ValueError(f"residual must match x: {tuple(residual.shape)} {residual.dtype} vs "
-                             f"{tuple(x.shape)} {x.dtype}")
+        if residual.shape != x.shape or (residual.dtype != x.dtype and residual.dtype != torch.float32):
+            raise ValueError(f"residual must match x, or be a float32 stream: {tuple(residual.shape)} "
+                             f"{residual.dtype} vs {tuple(x.shape)} {x.dtype}")
         _check_last_dim_contiguous(residual=residual)
+        stream_dtype = residual.dtype
     num_rows, dim = x.shape
     if out is None:
-        out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+        dtype = out_dtype or torch.promote_types(weight.dtype, stream_dtype)
+        out = torch.empty(x.shape, dtype=dtype, device=x.device)
     if residual is not None and residual_out is None:
-        residual_out = torch.empty_like(x)
+        residual_out = torch.empty_like(residual)
+    if residual_out is not None and residual_out.dtype != stream_dtype:
+        raise ValueError(f"residual_out must be {stream_dtype}, got {residual_out.dtype}")
     written = {"out": out, **({"residual_out": residual_out} if residual is not None else {})}
     for name, t in written.items():
         if t.shape != x.shape:
@@ -172,37 +183,41 @@ def _norm_launch(x, residual, weight, eps, out, residual_out):
     return out, residual_out
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, out: torch.Tensor | None = None) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, out: torch.Tensor | None = None,
+             out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """RMSNorm of each row of x [N, D] (any D), as ``RMSNorm.forward``. Returns [N, D] in
-    ``promote_types(weight.dtype, x.dtype)`` (or writes ``out``). For a per-head norm (QK-norm)
-    pass ``q.view(-1, head_dim)``."""
-    return _norm_launch(x, None, weight, eps, out, None)[0]
+    ``out_dtype`` (default ``promote_types(weight.dtype, x.dtype)``), or writes ``out``. For a
+    per-head norm (QK-norm) pass ``q.view(-1, head_dim)``."""
+    return _norm_launch(x, None, weight, eps, out, None, out_dtype)[0]
 
 
 def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *,
-    out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
+    out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``s = x + residual`` (same shape and dtype, [N, D]) and its RMSNorm, in one pass.
-    Returns ``(rms_norm(s, weight, eps), s)``. ``residual_out`` may be ``residual`` or ``x``
-    itself, to update the residual stream in place (a row's program reads each element before
-    it writes it, and reads the stored sum back for rows wider than ``MAX_NORM_BLOCK``)."""
-    return _norm_launch(x, residual, weight, eps, out, residual_out)
+    """``s = x + residual`` ([N, D]; residual of x's dtype or a float32 stream) and its RMSNorm,
+    in one pass. Returns ``(rms_norm(s, weight, eps), s)``, ``s`` in the residual's dtype.
+    ``residual_out`` may be ``residual`` (or ``x``, of the same dtype) itself, to update the
+    residual stream in place (a row's program reads each element before it writes it, and
+    reads the stored sum back for rows wider than ``MAX_NORM_BLOCK``)."""
+    return _norm_launch(x, residual, weight, eps, out, residual_out, out_dtype)
 
 
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                       out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Pure-torch ``rms_norm``, written as ``RMSNorm.forward``."""
     dtype = x.dtype
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(dtype)
+    out = weight * h.to(dtype)
+    return out if out_dtype is None else out.to(out_dtype)
 
 
-def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                           out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pure-torch ``add_rms_norm``."""
-    s = x + residual
-    return rms_norm_reference(s, weight, eps), s
+    s = (x.float() + residual.float()).to(residual.dtype) if x.dtype != residual.dtype else x + residual
+    return rms_norm_reference(s, weight, eps, out_dtype), s
 
 
 # --- Rotary embedding ----------------------------------------------------------------------------

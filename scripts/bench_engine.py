@@ -139,7 +139,7 @@ def block_ops():
     from dilaserve.models.layers import BlockOps
     from kernels import fused
 
-    return BlockOps(fused.rms_norm, fused.add_rms_norm, fused.rotary, fused.silu_mul)
+    return BlockOps(fused.rms_norm, fused.add_rms_norm, fused.rotary, fused.silu_mul, residual_dtype=torch.float32)
 
 
 def greedy_torch(model: LLaDAModel, hidden_rows: torch.Tensor):

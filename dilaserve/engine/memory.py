@@ -8,8 +8,9 @@ tokens / keys of one request):
 
 - forward: the residual stream and one layer's temporaries, whichever of attention or MLP is
   larger: ``T * (b * (2d + max(3d + 2kv, 4f)) + 12d)`` (``12d``: the float32 copies RoPE makes);
-  with the fused block kernels (the GPU fast path) RoPE makes no copies and the MLP runs on at
-  most ``C = mlp_chunk_tokens`` tokens at a time: ``b * (2d T + max((3d + 2kv) T, 4f min(T, C)))``;
+  with the fused block kernels (the GPU fast path) RoPE makes no copies, the residual stream is
+  float32 and the MLP runs on at most ``C = mlp_chunk_tokens`` tokens at a time:
+  ``(4 + b) d T + b * max((3d + 2kv) T, 4f min(T, C))``;
 - attention on the torch reference path, which gathers each request's keys into a padded
   tensor and forms scores: ``R * (2 * L * H * D * b + Q * H * D * b + H * Q * L * 4)``; the
   Triton kernel reads the pages in place (0);
@@ -39,7 +40,7 @@ class StepMemoryModel:
     fused_logits: bool = False  # the logit budget's fused kernel (no [rows, vocab] tensor)
     padded_attention: bool = True  # the torch reference attention (gathers keys, forms scores)
     logit_splits: int = 64  # vocabulary splits of the fused kernel
-    fused_block: bool = False  # the fused element-wise kernels (layers.BlockOps): chunked MLP, no RoPE copies
+    fused_block: bool = False  # the fused block kernels (layers.BlockOps): float32 stream, MLP slices, no RoPE copies
     mlp_chunk_tokens: int = 2048  # layers.MLP_CHUNK_TOKENS
 
     @classmethod
@@ -51,7 +52,8 @@ class StepMemoryModel:
     def forward_bytes(self, tokens: int) -> int:
         d, kv, f, b = self.hidden_size, self.num_kv_heads * self.head_dim, self.intermediate_size, self.dtype_bytes
         if self.fused_block:
-            return b * (2 * d * tokens + max((3 * d + 2 * kv) * tokens, 4 * f * min(tokens, self.mlp_chunk_tokens)))
+            return ((4 + b) * d * tokens
+                    + b * max((3 * d + 2 * kv) * tokens, 4 * f * min(tokens, self.mlp_chunk_tokens)))
         return tokens * (b * (2 * d + max(3 * d + 2 * kv, 4 * f)) + 12 * d)
 
     def attention_bytes(self, num_requests: int, max_tokens: int, max_keys: int) -> int:

@@ -75,10 +75,19 @@ class BlockOps:
     add_rms_norm: Callable
     rotary: Callable
     silu_mul: Callable
+    # The residual stream's dtype (None: the embeddings'). float32 on the GPU fast path: a bf16
+    # stream rounds at each of a model's 2 x layers adds, about half the bf16 logits error on
+    # LLaDA-shaped random weights (scripts/bf16_error_budget.py); matmuls stay in bf16.
+    residual_dtype: torch.dtype | None = None
+
+
+def residual_stream(x: torch.Tensor, ops: BlockOps | None) -> torch.Tensor:
+    """The embeddings as the residual stream the blocks carry."""
+    return x if ops is None or ops.residual_dtype is None else x.to(ops.residual_dtype)
 
 
 def final_norm(x: torch.Tensor, norm: RMSNorm, ops: BlockOps | None) -> torch.Tensor:
-    return norm(x) if ops is None else ops.rms_norm(x, norm.weight, norm.eps)
+    return norm(x) if ops is None else ops.rms_norm(x, norm.weight, norm.eps, out_dtype=norm.weight.dtype)
 
 
 def transformer_block(
@@ -126,8 +135,8 @@ def transformer_block(
 
 def _fused_block(x, layer_idx, attn_norm, q_proj, k_proj, v_proj, o_proj, mlp_norm, gate_proj, up_proj, down_proj,
                  rotary, attn, head_dim, q_norm, k_norm, ops: BlockOps) -> torch.Tensor:
-    n = x.shape[0]
-    h = ops.rms_norm(x, attn_norm.weight, attn_norm.eps)
+    n, act = x.shape[0], q_proj.weight.dtype  # the stream may be wider than the matmuls' inputs
+    h = ops.rms_norm(x, attn_norm.weight, attn_norm.eps, out_dtype=act)
     qkv = packed(q_proj, k_proj, v_proj)
     q, k, v = qkv(h) if qkv is not None else (q_proj(h), k_proj(h), v_proj(h))
     q, k, v = q.view(n, -1, head_dim), k.view(n, -1, head_dim), v.view(n, -1, head_dim)
@@ -135,7 +144,7 @@ def _fused_block(x, layer_idx, attn_norm, q_proj, k_proj, v_proj, o_proj, mlp_no
         q, k = q_norm(q), k_norm(k)
     q, k = ops.rotary(q, k, *rotary)
     a = attn(layer_idx, q, k, v)
-    h, x = ops.add_rms_norm(o_proj(a.reshape(n, -1)), x, mlp_norm.weight, mlp_norm.eps)
+    h, x = ops.add_rms_norm(o_proj(a.reshape(n, -1)), x, mlp_norm.weight, mlp_norm.eps, out_dtype=act)
     gate_up = packed(gate_proj, up_proj)
 
     def mlp(rows: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from dilaserve.models.attention import AttentionBackend
 from dilaserve.models.base import DiffusionLM
-from dilaserve.models.layers import BlockOps, RMSNorm, final_norm, rotary_cos_sin, transformer_block
+from dilaserve.models.layers import BlockOps, RMSNorm, final_norm, residual_stream, rotary_cos_sin, transformer_block
 from dilaserve.models.spec import ModelSpec
 
 
@@ -50,7 +50,7 @@ class LLaDAModel(DiffusionLM):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend,
                 ops: BlockOps | None = None) -> torch.Tensor:
         t = self.model.transformer
-        x = t.wte(input_ids)
+        x = residual_stream(t.wte(input_ids), ops)
         rotary = rotary_cos_sin(positions, self.spec.head_dim, self.spec.rope_theta)
         for i, b in enumerate(t.blocks):
             x = transformer_block(

@@ -27,7 +27,7 @@ def _engine(model, fast: bool):
     if not hasattr(runner, "attention_cls"):
         pytest.skip("the model runner has no kernel hook yet (dilaserve/engine/gpu/engine_hook.patch)")
     if fast:  # on CPU the kernels run in the Triton interpreter
-        ops = BlockOps(fused.rms_norm, fused.add_rms_norm, fused.rotary, fused.silu_mul)
+        ops = BlockOps(fused.rms_norm, fused.add_rms_norm, fused.rotary, fused.silu_mul, residual_dtype=torch.float32)
         runner.fast_path = FastPath(TritonPagedAttention, greedy_choices, ops)
         runner.attention_cls = TritonPagedAttention
         runner.block_ops = ops

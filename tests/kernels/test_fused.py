@@ -86,6 +86,28 @@ def test_wide_rows_stream_in_chunks_and_update_the_residual_in_place(dtype, devi
     assert rel_err(normed, ref_normed) <= NORM_TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("num_rows, dim", NORM_CASES)
+def test_float32_residual_stream_with_bf16_branches(num_rows, dim, device, monkeypatch):
+    """A bf16 projection output added to a float32 stream: the sum is not rounded to bf16, and
+    the normalised row comes out in the matmuls' dtype (out_dtype)."""
+    x = randn(num_rows, dim, dtype=torch.bfloat16, device=device)
+    stream = randn(num_rows, dim, dtype=torch.float32, device=device, seed=1)
+    weight = norm_module(dim, torch.bfloat16, device).weight
+    ref_normed, ref_sum = fused.add_rms_norm_reference(x, stream, weight, EPS, out_dtype=torch.bfloat16)
+    assert ref_sum.dtype == torch.float32 and torch.equal(ref_sum, x.float() + stream)
+    normed, total = fused.add_rms_norm(x, stream, weight, EPS, out_dtype=torch.bfloat16)
+    assert total.dtype == torch.float32 and torch.equal(total, ref_sum)
+    assert normed.dtype == torch.bfloat16 and rel_err(normed, ref_normed) <= NORM_TOLERANCE[torch.bfloat16]
+    out = fused.rms_norm(stream, weight, EPS, out_dtype=torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, fused.rms_norm_reference(stream, weight, EPS, torch.bfloat16)) <= NORM_TOLERANCE[torch.bfloat16]
+    monkeypatch.setattr(fused, "MAX_NORM_BLOCK", 64)  # wide rows, in place: the stream stays float32
+    normed, total = fused.add_rms_norm(x, stream, weight, EPS, residual_out=stream, out_dtype=torch.bfloat16)
+    assert total is stream and torch.equal(stream, ref_sum)
+    with pytest.raises(ValueError, match="float32 stream"):
+        fused.add_rms_norm(x, stream.half(), weight, EPS)
+
+
 def test_rms_norm_promotes_like_torch_and_serves_qk_norm(device):
     x = randn(3, 4, 24, dtype=torch.bfloat16, device=device)
     weight = norm_module(24, torch.float32, device).weight  # float32 scale of bf16 rows -> float32

@@ -59,7 +59,7 @@ def select_fast_path(device: torch.device, kernels: str = "auto") -> FastPath | 
     from kernels import fused
 
     logger.info("using the Triton fast path on %s", device)
-    ops = BlockOps(fused.rms_norm, fused.add_rms_norm, fused.rotary, fused.silu_mul)
+    ops = BlockOps(fused.rms_norm, fused.add_rms_norm, fused.rotary, fused.silu_mul, residual_dtype=torch.float32)
     return FastPath(TritonPagedAttention, greedy_choices, ops)
 
 
