@@ -127,6 +127,10 @@ class AsyncEngine:
         if check is not None:
             check()
 
+    @property
+    def is_calibrated(self) -> bool:
+        return bool(getattr(self.engine, "is_calibrated", True))
+
     def predict_latency_s(self, prompt_len: int, params: SamplingParams, threshold: float | None = None) -> float:
         return self.engine.predict_latency_s(prompt_len, params, threshold)
 

@@ -64,6 +64,7 @@ def check_cache_for_model(spec: ModelSpec, params: SamplingParams) -> None:
         raise InvalidRequestError(f"kv_retention is for bidirectional models; {spec.model_type!r} is block-causal")
 
 
+CALIBRATION_STEPS = 32  # own steps the step-cost fit needs before its predictions count as measured
 PREDICTION_WINDOW_S = 60.0  # how long a finished request's prediction error counts (prediction_scale)
 PREDICTION_MIN_SAMPLES = 16  # finish predictions a prediction scale needs
 PREDICTIONS_PER_REQUEST = 8  # finish predictions kept per request to measure their error
@@ -152,7 +153,7 @@ class EngineCore:
         outputs = []
         for kind, payload in commands:
             if kind == "add":
-                if payload.deadline_s is not None and self.cost.num_observed >= 32:
+                if payload.deadline_s is not None and self.is_calibrated:
                     # Judged only once the step-cost fit has data: before that the prior prices
                     # steps, and its error says nothing about the fitted model's.
                     self._predict_on_arrival(payload)
@@ -250,6 +251,11 @@ class EngineCore:
         t = threshold if threshold is not None else (params.threshold or self.default_threshold)
         return request_work(prompt_len + params.max_tokens, params.max_tokens, params.block_size,
                             self.tokens_per_step(params, t), params.cache, params.kv_retention)
+
+    @property
+    def is_calibrated(self) -> bool:
+        """Whether step costs are priced from this engine's own steps (else from its prior)."""
+        return self.cost.num_observed >= CALIBRATION_STEPS
 
     def predict_latency_s(self, prompt_len: int, params: SamplingParams, threshold: float | None = None) -> float:
         """Predicted seconds for such a request alone on an idle engine."""

@@ -194,7 +194,8 @@ class Dispatcher:
         check = (AdmissionCheck(self.admission.headroom, time.time() + usable_s - overhead_s)
                  if self.admission.enabled and not is_best_effort else None)
         while True:
-            loads = [ReplicaLoad(e.replica, e.finish_s, self.in_flight.get(e.replica, 0)) for e in candidates]
+            loads = [ReplicaLoad(e.replica, e.finish_s, self.in_flight.get(e.replica, 0), e.is_calibrated)
+                     for e in candidates]
             choice = self.router.choose(loads, remaining_s)
             ref = next(r for r in self.replicas if r.name == choice.name)
             stream = ref.handle.options(stream=True).generate.remote(GenerateRequest(

@@ -53,6 +53,8 @@ class Estimate:
     # The least slack any request admitted there (and on time) would keep if this one were
     # added (at the quality floor); inf: none would be squeezed. Admission needs it >= 0.
     min_slack_s: float = float("inf")
+    # False while the replica prices steps from its prior (a fresh replica): see SlackRouter.
+    is_calibrated: bool = True
 
 
 @dataclass

@@ -193,6 +193,7 @@ class ReplicaServer:
             replica=self.name, solo_s=solo, finish_s=finish, finish_at_floor_s=finish_floor,
             solo_at_floor_s=solo_floor, threshold=threshold, num_waiting=stats.num_waiting,
             num_running=stats.num_running, min_slack_s=min_slack,
+            is_calibrated=bool(getattr(self.engine, "is_calibrated", True)),
         )
 
     async def stats(self) -> dict[str, Any]:

@@ -20,6 +20,8 @@ class ReplicaLoad:
     # None when the policy does not need predictions or the replica gave none.
     finish_s: float | None = None
     num_in_flight: int = 0  # requests this ingress has sent there and not seen finish
+    # False for a replica still pricing steps from its prior (fresh, no steps of its own yet)
+    is_calibrated: bool = True
 
 
 class Router(Protocol):
@@ -36,6 +38,11 @@ class SlackRouter:
     best count as equal, and then the replica with fewer requests in flight wins (then the
     earlier name): identical idle replicas predict identical times, and a burst of arrivals
     sees the same predictions before any replica has reported the work just sent to it.
+
+    A replica still pricing steps from its prior (``is_calibrated`` False: a fresh one) gets the
+    request first when nothing is in flight there and it predicts the request on time: a prior
+    is usually more pessimistic than a busy replica's measured model, so by slack alone a new
+    replica might never get the traffic that would calibrate it.
     """
 
     needs_predictions = True
@@ -50,6 +57,9 @@ class SlackRouter:
         def slack(load: ReplicaLoad) -> float:
             return budget - (load.finish_s if load.finish_s is not None else float("inf"))
 
+        fresh = [c for c in candidates if not c.is_calibrated and c.num_in_flight == 0 and slack(c) >= 0]
+        if fresh:
+            return min(fresh, key=lambda c: (-slack(c), c.name))
         best = max(slack(c) for c in candidates)
         near_best = [c for c in candidates if slack(c) >= best - self.tie_s]
         return min(near_best, key=lambda c: (c.num_in_flight, -slack(c), c.name))

@@ -32,6 +32,20 @@ def test_slack_treats_missing_predictions_as_last_resort():
     assert SlackRouter().choose(candidates, budget_s=1.0).name == "b"
 
 
+def test_slack_sends_a_fresh_idle_replica_a_request_it_predicts_on_time():
+    """A new replica prices steps from a (pessimistic) prior: by slack alone it would lose to a
+    busy, measured replica forever and never calibrate."""
+    busy = ReplicaLoad("old", 1.0, 3)
+    fresh = ReplicaLoad("new", 4.0, 0, is_calibrated=False)
+    assert SlackRouter().choose([busy, fresh], budget_s=5.0).name == "new"
+    # ...but not a request its prediction says would be late,
+    assert SlackRouter().choose([busy, fresh], budget_s=3.0).name == "old"
+    # ...nor a second one before the first is back (then slack decides),
+    assert SlackRouter().choose([busy, ReplicaLoad("new", 4.0, 1, is_calibrated=False)], budget_s=5.0).name == "old"
+    # ...and a calibrated idle replica is judged by slack as before.
+    assert SlackRouter().choose([busy, ReplicaLoad("new", 4.0, 0)], budget_s=5.0).name == "old"
+
+
 def test_round_robin_cycles_in_name_order():
     router = RoundRobinRouter()
     picks = [router.choose(loads(1, 1, 1)).name for _ in range(6)]
