@@ -42,7 +42,7 @@ import torch
 from dilaserve.engine.config import EngineConfig
 from dilaserve.engine.engine import Engine
 from dilaserve.engine.random_model import LLADA_8B, TINY, build_model
-from dilaserve.engine.sampling_params import SamplingParams
+from dilaserve.engine.sampling_params import SamplingParams, default_cache
 from dilaserve.generation.unmasking import choose_tokens
 from dilaserve.models import layers as model_layers
 from dilaserve.models import llada as llada_module
@@ -299,8 +299,8 @@ def end_to_end(model: LLaDAModel, path: str, concurrency: int, args, num_pages: 
     spec = model.spec
     engine, wiring = make_engine(model, path, num_pages)
     steps = args.max_tokens // args.tokens_per_step
-    cache = "exact" if spec.causal_block_size else "dual"  # block-causal models cache exactly
-    params = SamplingParams(max_tokens=args.max_tokens, block_size=args.block, steps=steps, cache=cache)
+    params = SamplingParams(max_tokens=args.max_tokens, block_size=args.block, steps=steps,
+                            cache=default_cache(spec.causal_block_size))
     gen = torch.Generator().manual_seed(concurrency)
     prompts = [torch.randint(0, min(spec.mask_token_id, spec.eos_token_id), (args.prompt_len,), generator=gen).tolist()
                for _ in range(concurrency)]

@@ -58,7 +58,7 @@ from dilaserve.engine.plan import Decision, StepOutput
 from dilaserve.engine.profiling import Grid, measure_grid
 from dilaserve.engine.random_model import SHAPES, build_model
 from dilaserve.engine.scheduler import REFRESH_CATCH_UP
-from dilaserve.engine.sampling_params import SamplingParams
+from dilaserve.engine.sampling_params import SamplingParams, default_cache
 from dilaserve.models.paged_attention import PagedKVCache
 
 # The shipped profile, by path: importing dilaserve.planner would need PuLP, which GPU images lack.
@@ -74,11 +74,6 @@ MODES = {  # name: (chunk control, fixed chunk or None, refresh bound)
     "adaptive": ("adaptive", None, "auto"),
     "adaptive_unbounded": ("adaptive", None, "unbounded"),
 }
-
-
-def cache_mode(spec) -> str:
-    """Bidirectional models decode with the dual cache; block-causal ones with the exact cache."""
-    return "exact" if spec.causal_block_size else "dual"
 
 
 class AcceptanceRunner:
@@ -141,8 +136,8 @@ def run_point(model, args, mode: str, load: dict, acceptance: AcceptanceProfile,
     runner = AcceptanceRunner(engine.runner, acceptance, token_id, memory, seed)
     engine.runner = runner
     params = SamplingParams(max_tokens=args.max_tokens, block_size=args.block, threshold=args.threshold,
-                            chunk_size=chunk, cache=cache_mode(spec), min_chunk=1, max_chunk=None,
-                            kv_retention=args.kv_retention)
+                            chunk_size=chunk, cache=default_cache(spec.causal_block_size), min_chunk=1,
+                            max_chunk=None, kv_retention=args.kv_retention)
     gen = torch.Generator().manual_seed(seed)
     high = min(spec.mask_token_id, spec.eos_token_id)
 
@@ -321,8 +316,8 @@ def quick_latency_profile(model, args, out: Path, device_name: str) -> Path:
     grid = Grid(batch_sizes=batches, chunks=chunks, contexts=(seq,),
                 block_size=args.block, max_step_tokens=args.max_batch_tokens, warmup=1, repeats=2 if args.smoke else 3)
     points = measure_grid(model, grid, kernels=args.kernels)
-    meta = {"model": args.model_name, "device": device_name, "cache": cache_mode(model.spec), "block_size": args.block,
-            "date": datetime.date.today().isoformat()}
+    meta = {"model": args.model_name, "device": device_name, "cache": default_cache(model.spec.causal_block_size),
+            "block_size": args.block, "date": datetime.date.today().isoformat()}
     return save_profile(profile_dict(points, meta), out / f"latency_{args.model_name}_quick.json")
 
 
@@ -402,7 +397,8 @@ def main() -> None:
     stem = out / f"load_{slug}_{date}{sparse}{'_smoke' if args.smoke else ''}"
     result = {
         "benchmark": "bench_load", "date": date, "device": device_name, "model": args.model_name,
-        "random_weights": True, "cache": cache_mode(spec), "acceptance_profile": str(args.acceptance),
+        "random_weights": True, "cache": default_cache(spec.causal_block_size),
+        "acceptance_profile": str(args.acceptance),
         "acceptance_model": acceptance.data.get("model", "?"), "latency_profile": str(latency_path),
         "latency_fit": latency["fit"], "latency_holdout": latency.get("holdout", {}), "kv_pages": num_pages,
         "auto_refresh_tokens_at_64": refresh_token_bound(cost, reuse64, seq, args.refresh_slowdown),

@@ -215,6 +215,7 @@ def _profile_degree(args, model, model_name: str, device_name: str, dtype, grid,
 
     from dilaserve.engine.latency_profile import profile_dict
     from dilaserve.engine.profiling import measure_grid
+    from dilaserve.engine.sampling_params import default_cache
     from dilaserve.models.paged_attention import PagedKVCache
     from dilaserve.models.tensor_parallel import local_kv_heads
 
@@ -241,7 +242,7 @@ def _profile_degree(args, model, model_name: str, device_name: str, dtype, grid,
     else:
         kv_bytes = 2**30
     meta = {"model": model_name, "device": device_name, "dtype": str(dtype).removeprefix("torch."),
-            "kernels": args.kernels, "cache": "exact" if spec.causal_block_size else "dual",
+            "kernels": args.kernels, "cache": default_cache(spec.causal_block_size),
             "block_size": args.block_size, "tensor_parallel": degree,
             "kv_retention": args.kv_retention,
             "date": datetime.date.today().isoformat(), "torch": torch.__version__,

@@ -17,6 +17,12 @@ if TYPE_CHECKING:
 CACHE_MODES = ("none", "prefix", "dual", "exact")
 
 
+def default_cache(causal_block_size: int) -> str:
+    """The cache mode a model decodes with unless told otherwise: a block-causal model (SDAR,
+    ``causal_block_size`` > 0) keeps its finished blocks exactly; a bidirectional one the dual cache."""
+    return "exact" if causal_block_size else "dual"
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request decodes. Lengths are in tokens; ``threshold`` is a probability.

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dilaserve.engine.sampling_params import SamplingParams
+from dilaserve.engine.sampling_params import SamplingParams, default_cache
 from dilaserve.errors import InvalidRequestError
 from dilaserve.serving.admission import SLOTargets
 from dilaserve.serving.config import RequestDefaults
@@ -223,7 +223,8 @@ def model_defaults(defaults: RequestDefaults, spec) -> RequestDefaults:
     with the exact cache, whatever the server-wide block length and cache mode say."""
     if not spec.causal_block_size:
         return defaults
-    return dataclasses.replace(defaults, block_length=spec.causal_block_size, cache="exact", kv_retention=None)
+    return dataclasses.replace(defaults, block_length=spec.causal_block_size,
+                               cache=default_cache(spec.causal_block_size), kv_retention=None)
 
 
 def to_sampling_params(

@@ -167,6 +167,10 @@ def test_memory_model_of_the_fused_block_counts_mlp_slices():
     assert m.forward_bytes(100) == 6 * 64 * 100 + 2 * max(320 * 100, 512 * 8)
     unfused = StepMemoryModel(**SPEC, dtype_bytes=2)
     assert m.forward_bytes(100) <= unfused.forward_bytes(100) / 2
+    # The torch-free model repeats the fused block's slice size; the two must not drift apart.
+    from dilaserve.models.layers import MLP_CHUNK_TOKENS
+
+    assert StepMemoryModel(**SPEC).mlp_chunk_tokens == MLP_CHUNK_TOKENS
 
 
 def test_memory_budget_caps_the_batch():
