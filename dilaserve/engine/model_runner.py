@@ -39,10 +39,9 @@ class ModelRunner:
         # Triton kernels on CUDA (attention + fused logit budget), else the pure-torch path.
         self.fast_path = select_fast_path(self.device, kernels)
         self.attention_cls = self.fast_path.attention if self.fast_path else PagedAttention
-        # Reuse steps replay CUDA graphs on the fast path (bidirectional models); padding tokens
-        # write a scratch page past the pool the allocator hands out.
-        use_graphs = (cuda_graphs and self.fast_path is not None and self.device.type == "cuda"
-                      and not self.spec.causal_block_size)
+        # Reuse steps (every step of a block-causal model) replay CUDA graphs on the fast path;
+        # padding tokens write a scratch page past the pool the allocator hands out.
+        use_graphs = cuda_graphs and self.fast_path is not None and self.device.type == "cuda"
         # Sparse-KV refreshes keep prompts' keys and values in scratch slots past the pool (and
         # past the graphs' scratch page) for the step only.
         scratch_pages = -(-sparse_scratch_tokens // page_size)
@@ -55,7 +54,8 @@ class ModelRunner:
         if self.block_ops is not None:  # q|k|v and gate|up as one matmul each (memory-neutral views)
             pack_projections(model)
         self.graphs = ReuseGraphs(model, self.cache, self.attention_cls, num_pages * page_size,
-                                  self.spec.mask_token_id, ops=self.block_ops) if use_graphs else None
+                                  self.spec.mask_token_id, ops=self.block_ops,
+                                  causal_block_size=self.spec.causal_block_size) if use_graphs else None
         self._generators: dict[str, torch.Generator] = {}
         self._key_layouts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -166,7 +166,7 @@ class ModelRunner:
 
     def _forward(self, plan: StepPlan) -> torch.Tensor:
         inputs, extra, jobs = self._build(plan)
-        eager = any(item.is_refresh for item in plan.items)  # refresh steps are large: no graphs
+        eager = any(_is_large(item) for item in plan.items)  # large steps: launches do not matter, no graphs
         if self.tp is not None:
             self.tp.send_step(inputs, extra, eager, jobs)
         return self.forward_inputs(inputs, extra, eager, jobs)
@@ -290,3 +290,11 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return StepOutput(decisions, time.perf_counter() - start_time)
+
+
+def _is_large(item) -> bool:
+    """A refresh, or an exact-cache prefill (a prompt plus its first block): steps that run
+    eagerly, so that graphs are captured only for the many small steps of one shape family."""
+    if item.is_refresh:
+        return True
+    return item.request.params.cache == "exact" and item.num_tokens > 2 * item.request.params.block_size

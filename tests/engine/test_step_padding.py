@@ -7,7 +7,7 @@ step's, and its KV writes touch only the scratch slot besides the real ones.
 import pytest
 import torch
 
-from dilaserve.engine.gpu.graphs import StepInputs, StepShape, bucket_for, pad_step_inputs
+from dilaserve.engine.gpu.graphs import StepInputs, StepShape, bucket_for, causal_attention_args, pad_step_inputs
 from dilaserve.models.paged_attention import PagedAttention, PagedKVCache
 
 PAGE = 4
@@ -34,9 +34,9 @@ def step_inputs(requests, page_size=PAGE):
     return StepInputs(t(ids), t(positions), t(slots), t(qi), t(qv, torch.bool), t(ks), t(kv, torch.bool))
 
 
-def forward(model, cache, inputs):
+def forward(model, cache, inputs, **extra):
     attn = PagedAttention(cache, inputs.slot_mapping, inputs.query_index, inputs.query_valid,
-                          inputs.key_slots, inputs.key_valid)
+                          inputs.key_slots, inputs.key_valid, **extra)
     return model(inputs.input_ids, inputs.positions, attn)
 
 
@@ -77,6 +77,39 @@ def test_padded_step_computes_the_same_rows(llada):
     torch.testing.assert_close(got[:16], expected, rtol=1e-5, atol=1e-5)
     for layer in range(spec.num_layers):  # real slots written alike; only the scratch slot differs
         torch.testing.assert_close(cache.k[layer][:scratch_slot], after_k[layer][:scratch_slot])
+
+
+def test_padded_block_causal_step_computes_the_same_rows(sdar):
+    """SDAR (block 4): the graphs' block-causal arguments, gathered from the padded inputs, give
+    the real rows what the runner's own arguments give the unpadded step."""
+    torch.manual_seed(1)
+    spec = sdar.spec
+    block, num_pages = spec.causal_block_size, 12
+    scratch_slot = num_pages * PAGE
+    cache = PagedKVCache(spec.num_layers, num_pages + 1, PAGE, spec.num_kv_heads, spec.head_dim,
+                         torch.float32, "cpu")
+    for layer in range(spec.num_layers):
+        cache.k[layer].normal_()
+        cache.v[layer].normal_()
+    rand = lambda n: torch.randint(0, 300, (n,)).tolist()  # noqa: E731
+    # Exact-cache steps: keys end with the computed range; a block start recomputes the
+    # previous block (8 tokens), a later step only the block (4).
+    inputs = step_inputs([([0, 1, 2], 12, 4, 12, rand(8)), ([5, 3], 8, 4, 8, rand(4)),
+                          ([7, 8, 9, 10], 16, 12, 16, rand(4))])
+    starts = torch.tensor([4, 4, 12])
+    runner_args = {"query_positions": starts.unsqueeze(1) + torch.arange(inputs.query_index.shape[1]),
+                   "causal_block_size": block}
+    torch.testing.assert_close(causal_attention_args(inputs, block)["query_positions"][:, 0], starts)
+    before_k = [k.clone() for k in cache.k]
+    with torch.no_grad():
+        expected = forward(sdar, cache, inputs, **runner_args)
+    for k, b in zip(cache.k, before_k):
+        k.copy_(b)
+    padded = pad_step_inputs(inputs, StepShape(8, 32, 8, 16), scratch_slot, pad_token_id=spec.mask_token_id)
+    with torch.no_grad():
+        got = forward(sdar, cache, padded, **causal_attention_args(padded, block))
+    torch.testing.assert_close(got[:16], expected, rtol=1e-5, atol=1e-5)
+    assert causal_attention_args(inputs, 0) == {}
 
 
 def test_a_step_that_does_not_fit_is_refused():

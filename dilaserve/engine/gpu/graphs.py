@@ -13,6 +13,11 @@ are padded up to a bucket (``StepShape``) before replay:
 
 Only the forward through the transformer is graphed; the logit budget runs after it, on the
 real rows. Refresh steps run eagerly (they are large, so launches do not matter).
+
+Block-causal models (SDAR) have no refresh: every step may replay, and the attention also reads
+each request's first query position, gathered inside the graph from the padded inputs
+(``causal_attention_args``); a dummy request's queries sit at position 0, so its only key (the
+scratch slot, position 0) stays visible under the block-causal mask.
 ``pad_step_inputs`` is pure and tested on CPU; ``ReuseGraphs`` needs CUDA.
 """
 
@@ -116,6 +121,14 @@ def pad_step_inputs(inputs: StepInputs, target: StepShape, scratch_slot: int, pa
     return StepInputs(input_ids, positions, slot_mapping, query_index, query_valid, key_slots, key_valid)
 
 
+def causal_attention_args(inputs: StepInputs, causal_block_size: int) -> dict:
+    """The block-causal attention's extra arguments, from the step's own tensors (device ops
+    only, so a graph captures them): each query's position, and the block size."""
+    if not causal_block_size:
+        return {}
+    return {"query_positions": inputs.positions[inputs.query_index], "causal_block_size": causal_block_size}
+
+
 class ReuseGraphs:
     """Captures and replays the model forward per padded step shape (CUDA only).
 
@@ -125,8 +138,10 @@ class ReuseGraphs:
     """
 
     def __init__(self, model, cache, attention_cls, scratch_slot: int, pad_token_id: int, *,
-                 ops=None, max_tokens: int = 2048, max_requests: int = 256, max_graphs: int = 48):
+                 ops=None, max_tokens: int = 2048, max_requests: int = 256, max_graphs: int = 48,
+                 causal_block_size: int = 0):
         self.model, self.cache, self.attention_cls, self.ops = model, cache, attention_cls, ops
+        self.causal_block_size = causal_block_size
         self.scratch_slot, self.pad_token_id = scratch_slot, pad_token_id
         self.max_tokens, self.max_requests, self.max_graphs = max_tokens, max_requests, max_graphs
         self.device = next(model.parameters()).device
@@ -149,7 +164,8 @@ class ReuseGraphs:
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         attn = self.attention_cls(self.cache, inputs.slot_mapping, inputs.query_index, inputs.query_valid,
-                                  inputs.key_slots, inputs.key_valid)
+                                  inputs.key_slots, inputs.key_valid,
+                                  **causal_attention_args(inputs, self.causal_block_size))
         return self.model(inputs.input_ids, inputs.positions, attn, self.ops)
 
     def _capture(self, target: StepShape):
