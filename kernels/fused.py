@@ -14,6 +14,7 @@ sits beside a pure-torch reference written the same way as that code:
 - ``rotary(q, k, cos, sin[, positions])``: the half-split (NeoX / LLaMA) rotation of every query
   and key head, in float32, rounded back to the input dtype; q and k in one launch. ``cos`` /
   ``sin`` are per-token rows, or whole tables indexed by ``positions`` inside the kernel.
+  ``rotary_store_kv`` also writes the rotated k and v to their KV-cache slots in that launch.
 - ``silu_mul(gate_up)`` / ``silu_mul(gate, up)``: ``F.silu(gate) * up`` in the input dtype (silu
   rounded to that dtype before the product, as the two eager kernels do).
 
@@ -224,31 +225,33 @@ def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: torc
 
 
 @triton.jit
-def _rotate_heads(x_ptr, out_ptr, tokens, token_ok, head0, num_heads, stride_xn, stride_xh, stride_on, stride_oh,
-                  c1, c2, s1, s2, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+def _rotate_heads(x_ptr, out_ptr, rows, out_rows, token_ok, head0, num_heads, stride_xn, stride_xh, stride_on,
+                  stride_oh, c1, c2, s1, s2, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
                   INTERPRETED: tl.constexpr):
-    """Rotates a [BLOCK_T tokens, BLOCK_H heads, head_dim] tile; c1 .. s2: [BLOCK_T, 1, BLOCK_HALF]."""
+    """Rotates a [BLOCK_T tokens, BLOCK_H heads, head_dim] tile read at ``rows`` of x and written
+    at ``out_rows`` of out (a token's row, or its KV-cache slot); c1 .. s2: [BLOCK_T, 1, BLOCK_HALF]."""
     heads = (head0 + tl.arange(0, BLOCK_H))[None, :, None]
     dims = tl.arange(0, BLOCK_HALF)[None, None, :]
     mask = token_ok & (heads < num_heads) & (dims < HALF)
-    src = x_ptr + tokens * stride_xn + heads.to(tl.int64) * stride_xh + dims
+    src = x_ptr + rows * stride_xn + heads.to(tl.int64) * stride_xh + dims
     x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
     # h * cos + cat(-x2, x1) * sin, elementwise in the reference's order
     y1 = x1 * c1 + (-x2) * s1
     y2 = x2 * c2 + x1 * s2
-    dst = out_ptr + tokens * stride_on + heads.to(tl.int64) * stride_oh + dims
+    dst = out_ptr + out_rows * stride_on + heads.to(tl.int64) * stride_oh + dims
     tl.store(dst, _round(y1, out_ptr.dtype.element_ty, INTERPRETED), mask=mask)
     tl.store(dst + HALF, _round(y2, out_ptr.dtype.element_ty, INTERPRETED), mask=mask)
 
 
 @triton.jit(do_not_specialize=["num_tokens"])
 def _rotary_kernel(
-    q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, pos_ptr,
+    q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, pos_ptr, v_ptr, v_out_ptr, slot_ptr,
     num_tokens, num_q_heads, num_k_heads, stride_qn, stride_qh, stride_kn, stride_kh,
     stride_qon, stride_qoh, stride_kon, stride_koh, stride_cos, stride_sin, stride_pos,
-    HAS_POSITIONS: tl.constexpr, HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_HALF: tl.constexpr, INTERPRETED: tl.constexpr,
+    stride_vn, stride_vh, stride_von, stride_voh,
+    HAS_POSITIONS: tl.constexpr, STORE_KV: tl.constexpr, HALF: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     token_ok = tokens < num_tokens
@@ -269,12 +272,22 @@ def _rotary_kernel(
     s2 = tl.load(sin_ptr + rows * stride_sin + HALF + dims, mask=table_ok, other=0.0).to(tl.float32)
     num_q_blocks = tl.cdiv(num_q_heads, BLOCK_H)
     if head_block < num_q_blocks:
-        _rotate_heads(q_ptr, q_out_ptr, tokens, token_ok, head_block * BLOCK_H, num_q_heads, stride_qn, stride_qh,
-                      stride_qon, stride_qoh, c1, c2, s1, s2, HALF, BLOCK_H, BLOCK_HALF, INTERPRETED)
+        _rotate_heads(q_ptr, q_out_ptr, tokens, tokens, token_ok, head_block * BLOCK_H, num_q_heads, stride_qn,
+                      stride_qh, stride_qon, stride_qoh, c1, c2, s1, s2, HALF, BLOCK_H, BLOCK_HALF, INTERPRETED)
     else:
-        _rotate_heads(k_ptr, k_out_ptr, tokens, token_ok, (head_block - num_q_blocks) * BLOCK_H, num_k_heads,
-                      stride_kn, stride_kh, stride_kon, stride_koh, c1, c2, s1, s2, HALF, BLOCK_H, BLOCK_HALF,
-                      INTERPRETED)
+        head0 = (head_block - num_q_blocks) * BLOCK_H
+        if STORE_KV:  # k and v go straight to their KV-cache slots (k rotated, v as is)
+            out_rows = tl.load(slot_ptr + tokens, mask=token_ok, other=0).to(tl.int64)
+        else:
+            out_rows = tokens
+        _rotate_heads(k_ptr, k_out_ptr, tokens, out_rows, token_ok, head0, num_k_heads, stride_kn, stride_kh,
+                      stride_kon, stride_koh, c1, c2, s1, s2, HALF, BLOCK_H, BLOCK_HALF, INTERPRETED)
+        if STORE_KV:
+            heads = (head0 + tl.arange(0, BLOCK_H))[None, :, None].to(tl.int64)
+            full = tl.arange(0, 2 * BLOCK_HALF)[None, None, :]
+            mask = token_ok & (heads < num_k_heads) & (full < 2 * HALF)
+            v = tl.load(v_ptr + tokens * stride_vn + heads * stride_vh + full, mask=mask)
+            tl.store(v_out_ptr + out_rows * stride_von + heads * stride_voh + full, v, mask=mask)
 
 
 def _as_rows(table: torch.Tensor, head_dim: int, name: str) -> torch.Tensor:
@@ -287,7 +300,9 @@ def _as_rows(table: torch.Tensor, head_dim: int, name: str) -> torch.Tensor:
     return table
 
 
-def _rotary_launch(q, k, cos, sin, positions, q_out, k_out):
+def _rotary_launch(q, k, cos, sin, positions, q_out, k_out, store=None):
+    """``store``: (v, k_pool, v_pool, slot_mapping) to write rotated k and v at their KV-cache
+    slots (k_out is then k_pool)."""
     if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(f"q must be [N, H, Dh] and k [N, KVH, Dh], got {tuple(q.shape)} and {tuple(k.shape)}")
     num_tokens, num_q_heads, head_dim = q.shape
@@ -304,6 +319,15 @@ def _rotary_launch(q, k, cos, sin, positions, q_out, k_out):
     elif positions.dim() != 1 or positions.shape[0] != num_tokens or positions.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"positions must be [N] int32/int64 with N = {num_tokens}, got {tuple(positions.shape)} "
                          f"{positions.dtype}")
+    v, v_out, slots = (k, k_out, cos) if store is None else (store[0], store[2], store[3])
+    if store is not None:
+        if (v.shape != k.shape or k_out.dim() != 3 or k_out.shape[1:] != k.shape[1:] or v_out.shape != k_out.shape
+                or slots.shape != (num_tokens,)):
+            raise ValueError(f"shape mismatch: k {tuple(k.shape)}, v {tuple(v.shape)}, pools {tuple(k_out.shape)} / "
+                             f"{tuple(v_out.shape)}, slots {tuple(slots.shape)}")
+        if k_out.dtype != k.dtype or v_out.dtype != v.dtype:
+            raise ValueError(f"the pools' dtype must be k's and v's, got {k_out.dtype}, {v_out.dtype} for {k.dtype}")
+        _check_last_dim_contiguous(v=v, v_pool=v_out)
     if num_tokens == 0:
         return q_out, k_out
     half = head_dim // 2
@@ -313,12 +337,13 @@ def _rotary_launch(q, k, cos, sin, positions, q_out, k_out):
     block_t = max(1, min(triton.next_power_of_2(num_tokens), 2048 // (block_h * block_half)))
     grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(num_q_heads, block_h) + triton.cdiv(num_k_heads, block_h))
     _rotary_kernel[grid](
-        q, k, q_out, k_out, cos, sin, positions if positions is not None else cos,
+        q, k, q_out, k_out, cos, sin, positions if positions is not None else cos, v, v_out, slots,
         num_tokens, num_q_heads, num_k_heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), cos.stride(0), sin.stride(0),
-        positions.stride(0) if positions is not None else 0,
-        HAS_POSITIONS=positions is not None, HALF=half, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=block_half,
-        INTERPRETED=interpreting(), num_warps=4, **_LAUNCH,
+        positions.stride(0) if positions is not None else 0, v.stride(0), v.stride(1), v_out.stride(0),
+        v_out.stride(1),
+        HAS_POSITIONS=positions is not None, STORE_KV=store is not None, HALF=half, BLOCK_T=block_t,
+        BLOCK_H=block_h, BLOCK_HALF=block_half, INTERPRETED=interpreting(), num_warps=4, **_LAUNCH,
     )
     return q_out, k_out
 
@@ -342,6 +367,29 @@ def rotary_(
     """In-place ``rotary``: overwrites q and k (each element is read before it is written, by
     the same program) and returns them."""
     return _rotary_launch(q, k, cos, sin, positions, q, k)
+
+
+def rotary_store_kv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    k_pool: torch.Tensor, v_pool: torch.Tensor, slot_mapping: torch.Tensor, positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``rotary`` fused with the KV-cache write (``paged_attention.write_kv_``): one launch
+    rotates q into a new tensor, which it returns, and stores rotated k and v [N, KVH, Dh] in
+    the pools [slots, KVH, Dh] at ``slot_mapping`` [N] (int64; slots not bounds-checked, as there)."""
+    q_out = torch.empty_like(q)
+    _rotary_launch(q, k, cos, sin, positions, q_out, k_pool, store=(v, k_pool, v_pool, slot_mapping))
+    return q_out
+
+
+def rotary_store_kv_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    k_pool: torch.Tensor, v_pool: torch.Tensor, slot_mapping: torch.Tensor, positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Pure-torch ``rotary_store_kv``."""
+    q, k = rotary_reference(q, k, cos, sin, positions)
+    k_pool.index_copy_(0, slot_mapping, k)
+    v_pool.index_copy_(0, slot_mapping, v)
+    return q
 
 
 def rotary_reference(

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from dilaserve.models.attention import AttentionBackend
 from dilaserve.models.packing import packed
@@ -86,12 +86,13 @@ def residual_stream(x: torch.Tensor, ops: BlockOps | None) -> torch.Tensor:
     return x if ops is None or ops.residual_dtype is None else x.to(ops.residual_dtype)
 
 
-def final_norm(x: torch.Tensor, norm: RMSNorm, ops: BlockOps | None) -> torch.Tensor:
-    return norm(x) if ops is None else ops.rms_norm(x, norm.weight, norm.eps, out_dtype=norm.weight.dtype)
+def final_norm(x, norm: RMSNorm, ops: BlockOps | None) -> torch.Tensor:
+    """The last norm of the stream the blocks return (a ``PendingResidual`` on the fused path)."""
+    return norm(x) if ops is None else _norm_stream(x, norm, ops, norm.weight.dtype)[0]
 
 
 def transformer_block(
-    x: torch.Tensor,
+    x: torch.Tensor | PendingResidual,
     *,
     layer_idx: int,
     attn_norm: RMSNorm,
@@ -109,12 +110,13 @@ def transformer_block(
     q_norm: RMSNorm | None = None,
     k_norm: RMSNorm | None = None,
     ops: BlockOps | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | PendingResidual:
     """One pre-norm block: x + attn(norm(x)), then h + down(silu(gate(norm(h))) * up(norm(h))).
 
     ``q_norm`` / ``k_norm`` (Qwen3's QK-norm): RMSNorm of each head's query and key over
     head_dim, before the rotary embedding. ``ops``: fused kernels for the element-wise work
-    (five launches a block instead of ~35), else the eager code below."""
+    (four launches a block instead of ~35), else the eager code below; the fused path returns
+    the stream with the MLP's output not yet added (a ``PendingResidual``, for the next block)."""
     if ops is not None:
         return _fused_block(x, layer_idx, attn_norm, q_proj, k_proj, v_proj, o_proj, mlp_norm, gate_proj,
                             up_proj, down_proj, rotary, attn, head_dim, q_norm, k_norm, ops)
@@ -133,17 +135,36 @@ def transformer_block(
     return x + down_proj(F.silu(gate_proj(h)) * up_proj(h))
 
 
+class PendingResidual(NamedTuple):
+    """The fused path's residual stream between blocks: ``stream + delta`` not yet added. The
+    next block's (or the final) RMSNorm adds it in its own launch (``ops.add_rms_norm``)."""
+
+    stream: torch.Tensor
+    delta: torch.Tensor
+
+
+def _norm_stream(x, norm: RMSNorm, ops: BlockOps, out_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x), x) of the stream, adding a pending residual on the way."""
+    if isinstance(x, PendingResidual):
+        return ops.add_rms_norm(x.delta, x.stream, norm.weight, norm.eps, out_dtype=out_dtype)
+    return ops.rms_norm(x, norm.weight, norm.eps, out_dtype=out_dtype), x
+
+
 def _fused_block(x, layer_idx, attn_norm, q_proj, k_proj, v_proj, o_proj, mlp_norm, gate_proj, up_proj, down_proj,
-                 rotary, attn, head_dim, q_norm, k_norm, ops: BlockOps) -> torch.Tensor:
-    n, act = x.shape[0], q_proj.weight.dtype  # the stream may be wider than the matmuls' inputs
-    h = ops.rms_norm(x, attn_norm.weight, attn_norm.eps, out_dtype=act)
+                 rotary, attn, head_dim, q_norm, k_norm, ops: BlockOps) -> torch.Tensor | PendingResidual:
+    act = q_proj.weight.dtype  # the stream may be wider than the matmuls' inputs
+    h, x = _norm_stream(x, attn_norm, ops, act)
+    n = x.shape[0]
     qkv = packed(q_proj, k_proj, v_proj)
     q, k, v = qkv(h) if qkv is not None else (q_proj(h), k_proj(h), v_proj(h))
     q, k, v = q.view(n, -1, head_dim), k.view(n, -1, head_dim), v.view(n, -1, head_dim)
     if q_norm is not None:
         q, k = q_norm(q), k_norm(k)
-    q, k = ops.rotary(q, k, *rotary)
-    a = attn(layer_idx, q, k, v)
+    if hasattr(attn, "rotate_and_store"):  # rotary and the KV-cache write in one launch
+        a = attn.attend(layer_idx, attn.rotate_and_store(layer_idx, q, k, v, *rotary))
+    else:
+        q, k = ops.rotary(q, k, *rotary)
+        a = attn(layer_idx, q, k, v)
     h, x = ops.add_rms_norm(o_proj(a.reshape(n, -1)), x, mlp_norm.weight, mlp_norm.eps, out_dtype=act)
     gate_up = packed(gate_proj, up_proj)
 
@@ -152,7 +173,7 @@ def _fused_block(x, layer_idx, attn_norm, q_proj, k_proj, v_proj, o_proj, mlp_no
         return down_proj(ops.silu_mul(gate, up))
 
     if n <= MLP_CHUNK_TOKENS:
-        return x + mlp(h)
+        return PendingResidual(x, mlp(h))  # the next norm adds it: one launch fewer a block
     # A large step (refreshes of many requests): the MLP's [tokens, 3 x intermediate] temporaries
     # are a step's largest memory; in slices of MLP_CHUNK_TOKENS rows they stay bounded.
     out = torch.empty_like(x)

@@ -152,6 +152,31 @@ def test_rotary_reads_strided_positions_and_fused_qkv_views_in_place(device):
     assert torch.equal(qkv[:, (heads + kv_heads) * head_dim:], untouched), "v is not written"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("num_tokens, heads, kv_heads, head_dim", ROTARY_CASES)
+def test_rotary_store_kv_writes_the_cache_slots_in_the_same_launch(num_tokens, heads, kv_heads, head_dim, dtype,
+                                                                    device):
+    """q | k | v as views of one packed projection; k, v land at scattered slots of the pools,
+    every other slot keeps its old contents, and q / the cached k match rotary + write_kv."""
+    qkv = randn(num_tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype, device=device)
+    q, k, v = qkv.view(num_tokens, -1, head_dim).split([heads, kv_heads, kv_heads], dim=1)
+    num_slots = 2 * num_tokens + 5
+    slots = torch.randperm(num_slots, generator=torch.Generator().manual_seed(3))[:num_tokens].to(device)
+    pools = [randn(num_slots, kv_heads, head_dim, dtype=dtype, device=device, seed=s) for s in (4, 5)]
+    ref_pools = [p.clone() for p in pools]
+    positions = torch.randperm(300, generator=torch.Generator().manual_seed(2))[:num_tokens].to(device)
+    cos, sin = rotary_cos_sin(positions, head_dim, THETA)
+    ref_q = fused.rotary_store_kv_reference(q, k, v, cos, sin, *ref_pools, slots)
+    assert torch.equal(ref_q, fused.rotary_reference(q, k, cos, sin)[0])
+    before = qkv.clone()
+    q_out = fused.rotary_store_kv(q, k, v, cos, sin, *pools, slots)
+    assert torch.equal(q_out, ref_q)
+    assert torch.equal(pools[0], ref_pools[0]) and torch.equal(pools[1], ref_pools[1])
+    assert torch.equal(qkv, before), "the projection's output is only read"
+    with pytest.raises(ValueError, match="shape mismatch"):
+        fused.rotary_store_kv(q, k, v, cos, sin, pools[0], pools[1][:, :1], slots)
+
+
 # --- SwiGLU -------------------------------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dilaserve.models.paged_attention import PagedAttention, PagedKVCache
+from kernels.fused import rotary_store_kv
 from kernels.paged_attention import paged_attention, write_kv_
 
 
@@ -52,8 +53,19 @@ class TritonPagedAttention:
                    backend.key_slots, backend.key_valid, backend.query_positions, backend.causal_block_size)
 
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        write_kv_(self.cache.k[layer_idx], self.cache.v[layer_idx], self.slot_mapping, k, v)
+        return self.attend(layer_idx, q)
+
+    def rotate_and_store(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The rotary embedding of q and k, with k and v stored in the cache, in one launch
+        (``fused.rotary_store_kv``); returns the rotated q for ``attend``."""
+        return rotary_store_kv(q, k, v, cos, sin, self.cache.k[layer_idx], self.cache.v[layer_idx],
+                               self.slot_mapping)
+
+    def attend(self, layer_idx: int, q: torch.Tensor) -> torch.Tensor:
+        """Attention of the packed queries over the cache, the step's own k, v already in it."""
         k_pool, v_pool = self.cache.k[layer_idx], self.cache.v[layer_idx]
-        write_kv_(k_pool, v_pool, self.slot_mapping, k, v)
         return paged_attention(
             q, k_pool, v_pool, self.query_start_loc, self.block_tables, self.context_lens,
             self.cache.page_size, max_queries=self.max_queries,
