@@ -32,7 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def logits_check(shape_name: str, device: torch.device, context: int = 512, block: int = 32) -> dict:
+    from dilaserve.engine.gpu import select_fast_path
     from dilaserve.engine.gpu.attention import TritonPagedAttention
+    from dilaserve.models.packing import pack_projections
     from dilaserve.engine.random_model import SHAPES, build_model
     from dilaserve.models.attention import DenseAttention
     from dilaserve.models.paged_attention import PagedKVCache
@@ -61,7 +63,10 @@ def logits_check(shape_name: str, device: torch.device, context: int = 512, bloc
         slots = torch.arange(context, device=device)
         attn = TritonPagedAttention(cache, slots, slots.view(1, -1), torch.ones(1, context, dtype=torch.bool, device=device),
                                     slots.view(1, -1), torch.ones(1, context, dtype=torch.bool, device=device))
-        b = fast.compute_logits(fast(ids, positions, attn)[rows]).double()
+        # The engine's fast path: packed projections, fused kernels, float32 residual stream.
+        pack_projections(fast)
+        ops = select_fast_path(device).block_ops
+        b = fast.compute_logits(fast(ids, positions, attn, ops)[rows]).double()
     del fast, cache
     torch.cuda.empty_cache()
     rel = float((b - a).norm() / a.norm())

@@ -49,6 +49,58 @@ def matmul_table(spec, device, copy_tb_s: float, rows: tuple[int, ...]) -> list[
     return out
 
 
+def launch_costs(spec, device) -> list[dict]:
+    """Host microseconds per call of each op a fused block launches, on one token (the GPU work
+    is tiny, so back-to-back calls measure the launch path: what an eager step pays per op)."""
+    import time
+
+    from kernels import fused
+    from kernels.paged_attention import paged_attention, write_kv_, write_kv_reference
+
+    d, h, kvh, hd = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
+    x = torch.randn(1, d, device=device, dtype=torch.bfloat16)
+    w = torch.randn(d, d, device=device, dtype=torch.bfloat16)
+    norm_w = torch.ones(d, device=device, dtype=torch.bfloat16)
+    q, k = torch.randn(1, h, hd, device=device, dtype=torch.bfloat16), torch.randn(1, kvh, hd, device=device,
+                                                                                 dtype=torch.bfloat16)
+    cos = torch.randn(1, 1, hd, device=device, dtype=torch.float32)
+    pool = torch.zeros(64, kvh, hd, device=device, dtype=torch.bfloat16)
+    pool2 = torch.zeros_like(pool)
+    slots = torch.tensor([3], device=device)
+    starts = torch.tensor([0, 1], device=device, dtype=torch.int32)
+    tables = torch.tensor([[0, 1, 2, 3]], device=device, dtype=torch.int32)
+    lens = torch.tensor([64], device=device, dtype=torch.int32)
+    ops = {
+        "F.linear": lambda: torch.nn.functional.linear(x, w),
+        "tensor add": lambda: x + x,
+        "fused.rms_norm": lambda: fused.rms_norm(x, norm_w, 1e-5),
+        "fused.add_rms_norm": lambda: fused.add_rms_norm(x, x, norm_w, 1e-5),
+        "fused.rotary": lambda: fused.rotary(q, k, cos, cos),
+        "fused.silu_mul": lambda: fused.silu_mul(x, x),
+        "write_kv_ (Triton)": lambda: write_kv_(pool, pool2, slots, k, k),
+        "write_kv_reference (2 index_copy_)": lambda: write_kv_reference(pool, pool2, slots, k, k),
+        "fused.rotary_store_kv (rotary + write_kv_)": lambda: fused.rotary_store_kv(q, k, k, cos, cos, pool, pool2,
+                                                                                    slots),
+        "paged_attention, 1 split": lambda: paged_attention(q, pool, pool2, starts, tables, lens, 16, max_queries=1,
+                                                            num_splits=1),
+        "paged_attention, 8 splits (+ merge)": lambda: paged_attention(q, pool, pool2, starts, tables, lens, 16,
+                                                                       max_queries=1, num_splits=8),
+    }
+    out = []
+    for name, fn in ops.items():
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize(device)
+        reps = 200
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        host_us = (time.perf_counter() - t0) / reps * 1e6
+        torch.cuda.synchronize(device)
+        out.append({"op": name, "host_us_per_call": host_us})
+    return out
+
+
 def layer_estimate(table: list[dict], spec, rows: int) -> dict:
     ms = {r["matmul"]: r["ms"] for r in table if r["rows"] == rows}
     separate = 2 * ms["q/o"] + 2 * ms["k/v"] + 2 * ms["gate/up"] + ms["down"]
