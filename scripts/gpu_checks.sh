@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # GPU checks and benchmarks in one go, for a lent GPU machine (see docs/benchmarks/README.md).
-#   OUT=dir bash scripts/gpu_checks.sh tests,numerics,fused,engine,block,profile,load
+#   OUT=dir bash scripts/gpu_checks.sh tests,smoke,numerics,fused,engine,block,profile,load
 #   OUT=dir bash scripts/gpu_checks.sh sparse          # #14: long-context reuse steps, dense vs kv_retention 0.5
 #   OUT=dir bash scripts/gpu_checks.sh sdar-profile,sdar-load   # #12: the block-causal (SDAR-8B shape) case
 #   OUT=dir bash scripts/gpu_checks.sh tp,tp-profile   # #10: needs 2 GPUs (tp-serve also needs Ray's wheels)
 # Each part writes its log and results under $OUT; a failing part does not stop the others.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
-PARTS=${1:-tests,numerics,fused}
+PARTS=${1:-tests,smoke,numerics,fused}
 [[ ",$PARTS," == *",sparse,"* ]] && PARTS="$PARTS,sparse-profile,sparse-profile-kv,sparse-load,sparse-load-kv"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -22,6 +22,7 @@ part() {
   tail -n 25 "$OUT/$name.log"
 }
 part tests python3 -m pytest -q -p no:cacheprovider tests/kernels tests/engine/test_step_padding.py
+part smoke python3 scripts/profile_step.py --tiny --out "$OUT/smoke"  # the GPU-only scripts on a toy model
 part numerics python3 scripts/check_gpu_numerics.py --out "$OUT"
 part fused python3 scripts/bench_fused.py --out "$OUT"
 part engine python3 scripts/bench_engine.py --out "$OUT" --budget-s "${ENGINE_BUDGET_S:-330}"
