@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from array import array
 
 import torch
 
@@ -90,7 +91,7 @@ class ModelRunner:
             tables.append(r.pages)
         num_req, num_tokens = len(items), len(ids)
         q_max, l_max = max(q_counts), max(key_lens)
-        packed = torch.tensor([ids, positions, owners])
+        packed = _int_tensor(ids + positions + owners).view(3, num_tokens)
         # key_index[r, j]: the slot of request r's position j (page tables padded with page 0,
         # whose slots padded keys name but never read: key_valid masks them).
         num_pages = max(len(t) for t in tables)
@@ -212,7 +213,7 @@ class ModelRunner:
             offsets.extend([base - item.compute_start] * n)
             sizes.append(n)
             base += item.num_tokens
-        positions_and_offsets = torch.tensor([positions, offsets])
+        positions_and_offsets = _int_tensor(positions + offsets).view(2, len(positions))
         rows = positions_and_offsets[0]
         if self.spec.shift_logits:
             rows = (rows - 1).clamp_(min=0)
@@ -290,6 +291,13 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return StepOutput(decisions, time.perf_counter() - start_time)
+
+
+def _int_tensor(values: list[int]) -> torch.Tensor:
+    """A 1-D int64 tensor of Python ints, made through an ``array``: ~10x faster than
+    ``torch.tensor`` on the list, which a batched step's thousands of tokens make count (the
+    tensor keeps the array alive)."""
+    return torch.frombuffer(array("q", values), dtype=torch.int64) if values else torch.zeros(0, dtype=torch.int64)
 
 
 def _is_large(item) -> bool:
