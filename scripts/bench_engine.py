@@ -136,10 +136,9 @@ def triton_backend_cls():
 
 def block_ops():
     """The fast path's fused element-wise kernels (as the engine's runner passes them)."""
-    from dilaserve.models.layers import BlockOps
-    from kernels import fused
+    from dilaserve.engine.gpu import fast_block_ops
 
-    return BlockOps(fused.rms_norm, fused.add_rms_norm, fused.rotary, fused.silu_mul, residual_dtype=torch.float32)
+    return fast_block_ops()
 
 
 def greedy_torch(model: LLaDAModel, hidden_rows: torch.Tensor):

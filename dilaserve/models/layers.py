@@ -79,6 +79,11 @@ class BlockOps:
     # stream rounds at each of a model's 2 x layers adds, about half the bf16 logits error on
     # LLaDA-shaped random weights (scripts/bf16_error_budget.py); matmuls stay in bf16.
     residual_dtype: torch.dtype | None = None
+    # Matmuls of plain bias-free projections (None: the modules' own): ``linear(x, weight)`` as
+    # F.linear, and ``linear_add(x, weight, residual)``: residual += x @ weight.T in place, for
+    # the o and down projections into the stream (the residual add then needs no launch).
+    linear: Callable | None = None
+    linear_add: Callable | None = None
 
 
 def residual_stream(x: torch.Tensor, ops: BlockOps | None) -> torch.Tensor:
@@ -115,8 +120,10 @@ def transformer_block(
 
     ``q_norm`` / ``k_norm`` (Qwen3's QK-norm): RMSNorm of each head's query and key over
     head_dim, before the rotary embedding. ``ops``: fused kernels for the element-wise work
-    (four launches a block instead of ~35), else the eager code below; the fused path returns
-    the stream with the MLP's output not yet added (a ``PendingResidual``, for the next block)."""
+    (four launches a block instead of ~35), else the eager code below. The fused path adds the
+    o and down projections into the stream in their matmuls (``ops.linear_add``) where it can,
+    else it returns the stream with the MLP's output not yet added (a ``PendingResidual``) for
+    the next block's norm to add."""
     if ops is not None:
         return _fused_block(x, layer_idx, attn_norm, q_proj, k_proj, v_proj, o_proj, mlp_norm, gate_proj,
                             up_proj, down_proj, rotary, attn, head_dim, q_norm, k_norm, ops)
@@ -150,13 +157,18 @@ def _norm_stream(x, norm: RMSNorm, ops: BlockOps, out_dtype) -> tuple[torch.Tens
     return ops.rms_norm(x, norm.weight, norm.eps, out_dtype=out_dtype), x
 
 
+def _plain(proj: nn.Module) -> bool:
+    """A bias-free nn.Linear itself (a tensor-parallel shard's forward also communicates)."""
+    return type(proj) is nn.Linear and proj.bias is None
+
+
 def _fused_block(x, layer_idx, attn_norm, q_proj, k_proj, v_proj, o_proj, mlp_norm, gate_proj, up_proj, down_proj,
                  rotary, attn, head_dim, q_norm, k_norm, ops: BlockOps) -> torch.Tensor | PendingResidual:
     act = q_proj.weight.dtype  # the stream may be wider than the matmuls' inputs
     h, x = _norm_stream(x, attn_norm, ops, act)
     n = x.shape[0]
     qkv = packed(q_proj, k_proj, v_proj)
-    q, k, v = qkv(h) if qkv is not None else (q_proj(h), k_proj(h), v_proj(h))
+    q, k, v = qkv(h, ops.linear) if qkv is not None else (q_proj(h), k_proj(h), v_proj(h))
     q, k, v = q.view(n, -1, head_dim), k.view(n, -1, head_dim), v.view(n, -1, head_dim)
     if q_norm is not None:
         q, k = q_norm(q), k_norm(k)
@@ -165,19 +177,29 @@ def _fused_block(x, layer_idx, attn_norm, q_proj, k_proj, v_proj, o_proj, mlp_no
     else:
         q, k = ops.rotary(q, k, *rotary)
         a = attn(layer_idx, q, k, v)
-    h, x = ops.add_rms_norm(o_proj(a.reshape(n, -1)), x, mlp_norm.weight, mlp_norm.eps, out_dtype=act)
+    add_in_matmul = ops.linear_add is not None and x.dtype == torch.float32
+    if add_in_matmul and _plain(o_proj):  # x += o(a) in place, then the norm alone
+        x = ops.linear_add(a.reshape(n, -1), o_proj.weight, x)
+        h = ops.rms_norm(x, mlp_norm.weight, mlp_norm.eps, out_dtype=act)
+    else:
+        h, x = ops.add_rms_norm(o_proj(a.reshape(n, -1)), x, mlp_norm.weight, mlp_norm.eps, out_dtype=act)
     gate_up = packed(gate_proj, up_proj)
+    add_down = add_in_matmul and _plain(down_proj)
 
-    def mlp(rows: torch.Tensor) -> torch.Tensor:
-        gate, up = gate_up(rows) if gate_up is not None else (gate_proj(rows), up_proj(rows))
-        return down_proj(ops.silu_mul(gate, up))
+    def mlp(rows: torch.Tensor, stream: torch.Tensor) -> torch.Tensor | PendingResidual:
+        gate, up = gate_up(rows, ops.linear) if gate_up is not None else (gate_proj(rows), up_proj(rows))
+        if add_down:
+            return ops.linear_add(ops.silu_mul(gate, up), down_proj.weight, stream)
+        return PendingResidual(stream, down_proj(ops.silu_mul(gate, up)))
 
     if n <= MLP_CHUNK_TOKENS:
-        return PendingResidual(x, mlp(h))  # the next norm adds it: one launch fewer a block
+        return mlp(h, x)  # x updated in place, or a pending residual the next norm adds
     # A large step (refreshes of many requests): the MLP's [tokens, 3 x intermediate] temporaries
     # are a step's largest memory; in slices of MLP_CHUNK_TOKENS rows they stay bounded.
-    out = torch.empty_like(x)
+    out = x if add_down else torch.empty_like(x)
     for start in range(0, n, MLP_CHUNK_TOKENS):
         end = min(start + MLP_CHUNK_TOKENS, n)
-        torch.add(x[start:end], mlp(h[start:end]), out=out[start:end])
+        part = mlp(h[start:end], x[start:end])
+        if not add_down:
+            torch.add(part.stream, part.delta, out=out[start:end])
     return out

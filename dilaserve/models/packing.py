@@ -56,8 +56,11 @@ class PackedProjection:
         """False once a member's weight was replaced (not copied into): the pack is stale."""
         return all(m.weight.data_ptr() == p for m, p in zip(self.members, self._pointers))
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+    def __call__(self, x: torch.Tensor, linear=None) -> tuple[torch.Tensor, ...]:
+        """``linear(x, weight)``: the matmul to use for a pack without bias (default F.linear)."""
+        if linear is None or self.bias is not None:
+            return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+        return linear(x, self.weight).split(self.sizes, dim=-1)
 
 
 def pack_projections(model: nn.Module) -> int:

@@ -13,10 +13,9 @@ from tests.engine.helpers import make_prompts, new_engine, run_to_completion
 
 triton = pytest.importorskip("triton")
 
-from dilaserve.engine.gpu import FastPath, select_fast_path  # noqa: E402
+from dilaserve.engine.gpu import FastPath, fast_block_ops, select_fast_path  # noqa: E402
 from dilaserve.engine.gpu.attention import TritonPagedAttention  # noqa: E402
 from dilaserve.engine.gpu.logits import greedy_choices  # noqa: E402
-from dilaserve.models.layers import BlockOps  # noqa: E402
 from kernels import fused  # noqa: E402
 from kernels.interpreter import interpreting  # noqa: E402
 
@@ -27,7 +26,7 @@ def _engine(model, fast: bool):
     if not hasattr(runner, "attention_cls"):
         pytest.skip("the model runner has no kernel hook yet (dilaserve/engine/gpu/engine_hook.patch)")
     if fast:  # on CPU the kernels run in the Triton interpreter
-        ops = BlockOps(fused.rms_norm, fused.add_rms_norm, fused.rotary, fused.silu_mul, residual_dtype=torch.float32)
+        ops = fast_block_ops()
         runner.fast_path = FastPath(TritonPagedAttention, greedy_choices, ops)
         runner.attention_cls = TritonPagedAttention
         runner.block_ops = ops

@@ -55,12 +55,21 @@ def select_fast_path(device: torch.device, kernels: str = "auto") -> FastPath | 
     from dilaserve.engine.gpu.attention import TritonPagedAttention
     from dilaserve.engine.gpu.logits import greedy_choices
 
+    logger.info("using the Triton fast path on %s", device)
+    return FastPath(TritonPagedAttention, greedy_choices, fast_block_ops())
+
+
+def fast_block_ops():
+    """The fast path's ``BlockOps``: fused element-wise kernels, the float32 residual stream,
+    skinny-GEMM matmuls for small steps (``matmul.py``)."""
+    from dilaserve.engine.gpu import matmul
     from dilaserve.models.layers import BlockOps
     from kernels import fused
 
-    logger.info("using the Triton fast path on %s", device)
-    ops = BlockOps(fused.rms_norm, fused.add_rms_norm, fused.rotary, fused.silu_mul, residual_dtype=torch.float32)
-    return FastPath(TritonPagedAttention, greedy_choices, ops)
+    if torch.cuda.is_available():
+        matmul.float32_products()  # probe now, not inside a CUDA-graph capture
+    return BlockOps(fused.rms_norm, fused.add_rms_norm, fused.rotary, fused.silu_mul, residual_dtype=torch.float32,
+                    linear=matmul.linear, linear_add=matmul.linear_add)
 
 
 def _interpreting() -> bool:

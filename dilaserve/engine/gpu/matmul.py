@@ -1,0 +1,54 @@
+"""The fast path's matmuls: a Triton skinny GEMM for small steps, cuBLAS for the rest.
+
+A batch-1 reuse step multiplies 32 rows by every weight of the model: the matmuls read weights
+and nothing else matters. There the Triton kernel of ``kernels/skinny_gemm.py`` beat cuBLAS on
+each LLaDA-8B projection on an H200 (by 4-12%, and cuBLAS adds a split-K reduce launch to the
+o and down projections), and it adds the o and down projections into the float32 residual
+stream in its epilogue, unrounded: one rounding less per block than a bf16 product added later
+(``scripts/sweep_skinny_gemm.py``, docs/benchmarks/skinny_gemm_nvidia_h200_2026-12-04.md).
+Above ``SKINNY_MAX_ROWS`` rows (the sweep measured 32) cuBLAS serves.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels.skinny_gemm import skinny_linear
+
+SKINNY_MAX_ROWS = 32
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight)`` (no bias)."""
+    if x.shape[0] <= SKINNY_MAX_ROWS:
+        return skinny_linear(x, weight)
+    return F.linear(x, weight)
+
+
+def linear_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``residual += x @ weight.T`` in place, returning residual (the float32 stream), the
+    product added unrounded: in the Triton kernel's epilogue, or from cuBLAS with a float32
+    output where torch offers one (``torch.mm(..., out_dtype=)``), else rounded to x's dtype."""
+    if x.shape[0] <= SKINNY_MAX_ROWS and residual.dtype == torch.float32:
+        return skinny_linear(x, weight, residual=residual, out=residual)
+    if residual.dtype == torch.float32 and x.dtype != torch.float32 and x.is_cuda and float32_products():
+        return residual.add_(torch.mm(x, weight.t(), out_dtype=torch.float32))
+    return residual.add_(F.linear(x, weight))
+
+
+_FLOAT32_PRODUCTS: bool | None = None
+
+
+def float32_products() -> bool:
+    """Whether this torch's CUDA ``mm`` takes ``out_dtype=torch.float32`` for bf16 operands
+    (probed once, on the first call: make it outside CUDA-graph capture, as ``fast_block_ops``
+    does)."""
+    global _FLOAT32_PRODUCTS
+    if _FLOAT32_PRODUCTS is None:
+        try:
+            a = torch.ones(2, 2, dtype=torch.bfloat16, device="cuda")
+            _FLOAT32_PRODUCTS = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+        except (TypeError, RuntimeError, NotImplementedError):
+            _FLOAT32_PRODUCTS = False
+    return _FLOAT32_PRODUCTS
