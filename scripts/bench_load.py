@@ -312,6 +312,12 @@ def quick_latency_profile(model, args, out: Path, device_name: str) -> Path:
     """A small latency profile of this model on this device (the adaptive controller's input)."""
     seq = args.prompt_len + args.max_tokens
     batches = (1, 2, 4) if args.smoke else (1, 4, 16, 64, 128)
+    if next(model.parameters()).is_cuda:  # the grid's KV cache holds its largest batch: keep it in memory
+        spec = model.spec
+        per_token = PagedKVCache.bytes_per_page(spec.num_layers, 16, spec.num_kv_heads, spec.head_dim,
+                                                next(model.parameters()).dtype) / 16
+        fits = int(0.5 * torch.cuda.mem_get_info()[0] / per_token) // seq
+        batches = tuple(b for b in batches if b <= fits) or (1,)
     chunks = tuple(c for c in ((1, 4, 8, 16, 32) if not args.smoke else (1, 8, 32)) if c < args.block) + (args.block,)
     grid = Grid(batch_sizes=batches, chunks=chunks, contexts=(seq,),
                 block_size=args.block, max_step_tokens=args.max_batch_tokens, warmup=1, repeats=2 if args.smoke else 3)
