@@ -102,7 +102,7 @@ def cpu_profiles() -> tuple[ProfileSet, str]:
 
 def scenarios() -> dict[str, Scenario]:
     cpu, _ = cpu_profiles()
-    gpu = load_profile_set(None)
+    gpu = load_profile_set(None).without_sparse()  # the simulated replicas do not model sparse KV
     cpu_controller = dict(tick_s=1.0, window_s=10.0, period_s=5.0, min_interval_s=30.0, headroom=0.2)
     gpu_controller = dict(tick_s=2.0, window_s=20.0, period_s=20.0, min_interval_s=60.0, headroom=0.2)
     return {

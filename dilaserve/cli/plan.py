@@ -1,4 +1,5 @@
-"""``dilaserve plan``: how many instances of each parallelism degree, at which thresholds, for a load.
+"""``dilaserve plan``: how many instances of each parallelism degree, at which thresholds (dense
+or sparse KV), for a load.
 
 Exit status: 0 with a plan (all traffic served, or as much as the GPUs allow), 1 when no
 traffic can be served or the solver failed, 2 for bad arguments or unreadable files.
@@ -65,8 +66,10 @@ def format_result(result, profiles, workload) -> str:
     if plan is None:
         return "\n".join(lines)
     if plan.groups:
-        header = ("degree", "threshold", "instances", "GPUs", "traffic", "req/s per inst", "batch", "accuracy")
-        rows = [(str(g.degree), f"{g.threshold:g}", str(g.count), str(g.gpus), f"{100 * g.traffic_share:.1f}%",
+        header = ("degree", "threshold", "sparse KV", "instances", "GPUs", "traffic", "req/s per inst", "batch",
+                  "accuracy")
+        rows = [(str(g.degree), f"{g.threshold:g}", "dense" if g.kv_retention is None else f"{g.kv_retention:g}",
+                 str(g.count), str(g.gpus), f"{100 * g.traffic_share:.1f}%",
                  f"{g.capacity_rps:.2f}", str(g.max_batch), f"{100 * g.accuracy:.1f}%") for g in plan.groups]
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
         lines.append("  ".join(h.rjust(w) for h, w in zip(header, widths)))

@@ -30,6 +30,9 @@ def add_parser(sub) -> None:
                    help="chunk sizes (default: the block only)")
     q.add_argument("--steps", type=lambda s: [int(x) for x in s.split(",")], default=[],
                    help="fixed-steps settings to include, e.g. 64,32")
+    q.add_argument("--kv-retentions", type=lambda s: [float(x) for x in s.split(",")], default=[],
+                   help="sparse KV retentions to measure each threshold setting at too, e.g. 0.5 (dual cache); "
+                        "the planner treats each as one more setting")
     q.add_argument("--out", default="profiles", help="directory for quality_<model>_<task>.json and .png")
     q.set_defaults(run=run_quality)
 
@@ -80,7 +83,8 @@ def run_quality(args: argparse.Namespace) -> int:
 
     engine, tokenizer = load_engine(args)
     chunks = args.chunks or [args.block_size]
-    settings = [dict(threshold=t, chunk=c) for c in chunks for t in args.thresholds]
+    retentions = [None, *args.kv_retentions]
+    settings = [dict(threshold=t, chunk=c, kv_retention=r) for r in retentions for c in chunks for t in args.thresholds]
     settings += [dict(threshold=None, steps=s, chunk=None) for s in args.steps]
     entries = []
     for s in settings:
@@ -90,6 +94,8 @@ def run_quality(args: argparse.Namespace) -> int:
         )
         entries.append(point.to_dict())
         setting = f"steps={point.steps}" if point.steps else f"threshold={point.threshold} chunk={point.chunk}"
+        if point.kv_retention is not None:
+            setting += f" kv={point.kv_retention:g}"
         print(f"{setting:28} accuracy {point.accuracy:6.1%}  tokens/step {point.tokens_per_step:5.2f}", flush=True)
     from dilaserve.models.store import resolve_model
 
@@ -115,16 +121,18 @@ def plot_quality(profile: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_acc, ax_speed) = plt.subplots(1, 2, figsize=(10, 4))
-    chunks = sorted({e["chunk"] for e in profile["entries"] if e["threshold"] is not None})
-    for chunk in chunks:
-        rows = sorted((e for e in profile["entries"] if e["threshold"] is not None and e["chunk"] == chunk),
-                      key=lambda e: e["threshold"])
+    curves = sorted({(e["chunk"], e.get("kv_retention") or 0.0)
+                     for e in profile["entries"] if e["threshold"] is not None})
+    for chunk, retention in curves:
+        rows = sorted((e for e in profile["entries"] if e["threshold"] is not None and e["chunk"] == chunk
+                       and (e.get("kv_retention") or 0.0) == retention), key=lambda e: e["threshold"])
+        label = f"chunk {chunk}" + (f", sparse KV {retention:g}" if retention else "")
         xs = [e["threshold"] for e in rows]
         ax_acc.errorbar(xs, [100 * e["accuracy"] for e in rows],
                         yerr=[[100 * (e["accuracy"] - e["accuracy_ci"][0]) for e in rows],
                               [100 * (e["accuracy_ci"][1] - e["accuracy"]) for e in rows]],
-                        marker="o", capsize=3, label=f"chunk {chunk}")
-        ax_speed.plot(xs, [e["tokens_per_step"] for e in rows], marker="o", label=f"chunk {chunk}")
+                        marker="o", capsize=3, label=label)
+        ax_speed.plot(xs, [e["tokens_per_step"] for e in rows], marker="o", label=label)
     for e in profile["entries"]:
         if e["steps"]:
             ax_acc.axhline(100 * e["accuracy"], ls="--", lw=1, color="gray")

@@ -164,7 +164,8 @@ def build_control(args: argparse.Namespace, acceptance):
     from dilaserve.sim import AcceptanceModel, ClusterConfig, ReplicaGroup
     from dilaserve.sim.controlled import ControlSetup
 
-    profiles = load_profile_set(None if args.controller == "default" else args.controller)
+    # The simulated replicas do not model sparse KV: the controller plans dense settings only.
+    profiles = load_profile_set(None if args.controller == "default" else args.controller).without_sparse()
     degrees = [d.degree for d in profiles.latency.degrees]
     variants = {d: f"tp{d}" for d in degrees}
     engine = EngineConfig()

@@ -18,6 +18,7 @@ class StartReplica:
     name: str
     variant: str
     threshold: float
+    kv_retention: float | None = None  # sparse KV for requests that leave it unset; None: dense
 
 
 @dataclass(frozen=True)
@@ -35,11 +36,13 @@ class RouteReplica:
 
 
 @dataclass(frozen=True)
-class SetThreshold:
-    """Push a new default threshold to a live replica (``set_policy``; no restart)."""
+class SetPolicy:
+    """Push a new default threshold and sparse-KV retention (None: dense) to a live replica
+    (``set_policy``; no restart)."""
 
     name: str
     threshold: float
+    kv_retention: float | None = None
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,7 @@ class UnrouteReplica:
     name: str
 
 
-Action = Union[StartReplica, AwaitReady, RouteReplica, SetThreshold, DrainReplica, AwaitDrained, StopReplica,
+Action = Union[StartReplica, AwaitReady, RouteReplica, SetPolicy, DrainReplica, AwaitDrained, StopReplica,
                UnrouteReplica]
 
 

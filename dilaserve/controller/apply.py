@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
 from dilaserve.controller.actions import (
-    Action, AwaitDrained, AwaitReady, DrainReplica, RouteReplica, SetThreshold, StartReplica, StopReplica,
+    Action, AwaitDrained, AwaitReady, DrainReplica, RouteReplica, SetPolicy, StartReplica, StopReplica,
     UnrouteReplica, describe,
 )
 from dilaserve.controller.observation import FAILED, READY
@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 
 
 class Cluster(Protocol):
-    def start_replica(self, name: str, variant: str, threshold: float) -> None:
-        """Begins deploying the replica; returns without waiting for it."""
+    def start_replica(self, name: str, variant: str, threshold: float, kv_retention: float | None = None) -> None:
+        """Begins deploying the replica (``kv_retention`` None: dense); returns without waiting for it."""
 
     def replica_status(self, names: Sequence[str]) -> dict[str, str]:
         """READY, STARTING or FAILED for each name."""
@@ -36,7 +36,8 @@ class Cluster(Protocol):
 
     def unroute(self, name: str) -> None: ...
 
-    def set_threshold(self, name: str, threshold: float) -> None: ...
+    def set_policy(self, name: str, threshold: float, kv_retention: float | None = None) -> None:
+        """The replica's default threshold and sparse-KV retention (None: dense), live."""
 
     def drain(self, name: str) -> None: ...
 
@@ -83,7 +84,7 @@ def _run(action: Action, cluster: Cluster, started: list[str], start_timeout_s: 
     """Runs one action; returns why the sequence must stop, or None."""
     if isinstance(action, StartReplica):
         started.append(action.name)
-        cluster.start_replica(action.name, action.variant, action.threshold)
+        cluster.start_replica(action.name, action.variant, action.threshold, action.kv_retention)
     elif isinstance(action, AwaitReady):
         end = clock() + start_timeout_s
         while True:
@@ -102,8 +103,8 @@ def _run(action: Action, cluster: Cluster, started: list[str], start_timeout_s: 
             sleep(poll_s)
     elif isinstance(action, RouteReplica):
         cluster.route(action.name)
-    elif isinstance(action, SetThreshold):
-        cluster.set_threshold(action.name, action.threshold)
+    elif isinstance(action, SetPolicy):
+        cluster.set_policy(action.name, action.threshold, action.kv_retention)
     elif isinstance(action, DrainReplica):
         cluster.drain(action.name)
     elif isinstance(action, AwaitDrained):

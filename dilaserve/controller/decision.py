@@ -18,10 +18,10 @@
    (``planner.evaluate``) through ``planner.replan_reason``; and keep ``min_interval_s``
    between reconfigurations, except for one that serves ``min_gain`` more of the traffic
    (scaling up is never held back; flapping is stopped on the way down).
-5. **Diff** the running replicas against the plan's instances: keep exact matches, push a
-   new threshold to a replica of the right degree (no restart), start what is missing, and
-   remove the rest; in the order start -> wait ready -> route -> push thresholds -> drain ->
-   wait drained -> stop.
+5. **Diff** the running replicas against the plan's instances, each a (degree, threshold,
+   sparse-KV retention): keep exact matches, push a new threshold and retention to a replica
+   of the right degree (no restart), start what is missing, and remove the rest; in the order
+   start -> wait ready -> route -> push policies -> drain -> wait drained -> stop.
 """
 
 from __future__ import annotations
@@ -33,12 +33,18 @@ from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
 from dilaserve.controller.actions import (
-    Action, AwaitDrained, AwaitReady, DrainReplica, RouteReplica, SetThreshold, StartReplica, StopReplica,
+    Action, AwaitDrained, AwaitReady, DrainReplica, RouteReplica, SetPolicy, StartReplica, StopReplica,
     UnrouteReplica,
 )
 from dilaserve.controller.config import ControllerConfig
-from dilaserve.controller.observation import FAILED, MISSING, READY, STARTING, ClusterView, LoadEstimate, ReplicaView, nearest
+from dilaserve.controller.observation import (
+    FAILED, MISSING, READY, STARTING, ClusterView, LoadEstimate, ReplicaView, nearest_setting,
+)
 from dilaserve.planner import Plan, PlannerOptions, PlanResult, ProfileSet, Workload, evaluate, plan, replan_reason
+from dilaserve.planner.capacity import best_setting, plannable_settings
+
+# One kind of instance: (degree, threshold, kv_retention); kv_retention None is dense.
+InstanceKey = tuple[int, float, float | None]
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +72,17 @@ class Planning:
 
     @property
     def thresholds(self) -> list[float]:
-        return sorted({e.threshold for e in self.profiles.quality.settings()})
+        return sorted({e.threshold for e in plannable_settings(self.profiles)})
+
+    @property
+    def settings(self) -> list[tuple[float, float | None]]:
+        """Every (threshold, kv_retention) the planner may choose."""
+        return [e.setting for e in plannable_settings(self.profiles)]
 
     @property
     def reference_threshold(self) -> float:
-        """The most accurate threshold: what a warm replica without traffic runs."""
-        return max(self.profiles.quality.settings(), key=lambda e: (e.accuracy, e.threshold)).threshold
+        """The most accurate dense threshold: what a warm replica without traffic runs (dense)."""
+        return best_setting(self.profiles).threshold
 
     def scaled(self, capacity_factor: float, utilization: float) -> "Planning":
         """The same planning with every instance's capacity scaled by ``capacity_factor``."""
@@ -80,7 +91,7 @@ class Planning:
     def plan(self, workload: Workload) -> PlanResult:
         return plan(self.profiles, workload, self.gpus, self.slo_scale, self.quality_budget, self.options)
 
-    def evaluate(self, instances: Sequence[tuple[int, float, int]], workload: Workload) -> PlanResult:
+    def evaluate(self, instances: Sequence[tuple], workload: Workload) -> PlanResult:
         return evaluate(instances, self.profiles, workload, self.slo_scale, self.quality_budget, self.options)
 
 
@@ -105,7 +116,8 @@ class Decision:
     has_planned: bool = False  # the planner ran this tick
     workload: Workload | None = None
     plan: Plan | None = None  # the plan these actions apply (reconfigure)
-    target: tuple[tuple[int, float, int], ...] = ()  # (degree, threshold, count) after the warm floor
+    # (degree, threshold, kv_retention, count) after the warm floor
+    target: tuple[tuple[int, float, float | None, int], ...] = ()
     capacity_factor: float | None = None  # a corrected factor to remember (None: unchanged)
     plan_result: PlanResult | None = field(default=None, repr=False)
 
@@ -187,37 +199,48 @@ def next_names(variant: str, taken: set[str], count: int) -> list[str]:
     return [f"{variant}-{start + i}" for i in range(count)]
 
 
-def diff(serving: Sequence[ReplicaView], target: Mapping[tuple[int, float], int], variants: Mapping[int, str],
+def _order(key: InstanceKey) -> tuple:
+    """Degree ascending, threshold descending, dense before sparse, retention descending."""
+    degree, threshold, retention = key
+    return (degree, -threshold, retention is not None, -(retention or 0.0))
+
+
+def _same_retention(a: float | None, b: float | None) -> bool:
+    return a is None and b is None or (a is not None and b is not None and abs(a - b) <= _THRESHOLD_TOL)
+
+
+def diff(serving: Sequence[ReplicaView], target: Mapping[InstanceKey, int], variants: Mapping[int, str],
          taken: set[str]) -> list[Action]:
-    """Actions that turn the ``serving`` replicas into ``target`` counts of (degree, threshold)."""
+    """Actions that turn the ``serving`` replicas into ``target`` counts of (degree, threshold,
+    kv_retention)."""
     want = Counter({k: n for k, n in target.items() if n > 0})
     # Replicas inside the main application cannot be removed: match them first.
     left = sorted(serving, key=lambda r: (r.is_removable, r.name))
     keep_exact = []
     for r in left:
-        key = next((k for k in sorted(want) if want[k] and k[0] == r.degree and r.threshold is not None
-                    and abs(k[1] - r.threshold) <= _THRESHOLD_TOL), None)
+        key = next((k for k in sorted(want, key=_order) if want[k] and k[0] == r.degree and r.threshold is not None
+                    and abs(k[1] - r.threshold) <= _THRESHOLD_TOL and _same_retention(k[2], r.kv_retention)), None)
         if key is not None:
             want[key] -= 1
             keep_exact.append(r.name)
     left = [r for r in left if r.name not in keep_exact]
     pushes: list[Action] = []
     rest = []
-    for r in left:  # a replica of the right degree only needs a new threshold
-        key = next((k for k in sorted(want, key=lambda k: -k[1]) if want[k] and k[0] == r.degree), None)
+    for r in left:  # a replica of the right degree only needs a new threshold and retention
+        key = next((k for k in sorted(want, key=_order) if want[k] and k[0] == r.degree), None)
         if key is None:
             rest.append(r)
             continue
         want[key] -= 1
-        pushes.append(SetThreshold(r.name, key[1]))
+        pushes.append(SetPolicy(r.name, key[1], key[2]))
     starts: list[StartReplica] = []
     taken = set(taken)
-    for (degree, threshold), count in sorted(want.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+    for (degree, threshold, retention), count in sorted(want.items(), key=lambda kv: _order(kv[0])):
         if count <= 0:
             continue
         names = next_names(variants[degree], taken, count)
         taken.update(names)
-        starts += [StartReplica(n, variants[degree], threshold) for n in names]
+        starts += [StartReplica(n, variants[degree], threshold, retention) for n in names]
     removes = [r.name for r in rest if r.is_removable]
     for r in rest:
         if not r.is_removable:
@@ -232,31 +255,36 @@ def diff(serving: Sequence[ReplicaView], target: Mapping[tuple[int, float], int]
     return actions
 
 
-def with_floor(instances: Sequence[tuple[int, float, int]], serving: Sequence[ReplicaView], min_replicas: int,
-               planning: Planning) -> dict[tuple[int, float], int]:
+def with_floor(instances: Sequence[tuple[int, float, float | None, int]], serving: Sequence[ReplicaView],
+               min_replicas: int, planning: Planning) -> dict[InstanceKey, int]:
     """The plan's instances, topped up to ``min_replicas``: first with replicas already
-    running (unchanged), then with the smallest degree at the most accurate threshold."""
+    running (unchanged), then with the smallest degree at the most accurate threshold, dense."""
     target: Counter = Counter()
-    for degree, threshold, count in instances:
-        target[(degree, threshold)] += count
+    for degree, threshold, retention, count in instances:
+        target[(degree, threshold, retention)] += count
     missing = min_replicas - sum(target.values())
     for r in sorted(serving, key=lambda r: (r.is_removable, r.name)):
         if missing <= 0:
             break
         if r.threshold is not None:
-            target[(r.degree, r.threshold)] += 1
+            target[(r.degree, r.threshold, r.kv_retention)] += 1
             missing -= 1
     if missing > 0:
         smallest = min(d.degree for d in planning.profiles.latency.degrees)
-        target[(smallest, planning.reference_threshold)] += missing
+        target[(smallest, planning.reference_threshold, None)] += missing
     return dict(target)
 
 
-def running_instances(serving: Sequence[ReplicaView], planning: Planning) -> tuple[tuple[int, float, int], ...]:
-    """``(degree, threshold, count)`` of the serving replicas, thresholds snapped to the profile's."""
-    thresholds = planning.thresholds
-    counts = Counter((r.degree, nearest(r.threshold, thresholds) or planning.reference_threshold) for r in serving)
-    return tuple((d, t, n) for (d, t), n in sorted(counts.items()))
+def running_instances(serving: Sequence[ReplicaView],
+                      planning: Planning) -> tuple[tuple[int, float, float | None, int], ...]:
+    """``(degree, threshold, kv_retention, count)`` of the serving replicas, each snapped to
+    the profile's nearest setting (a replica whose threshold is unknown: the reference, dense)."""
+    settings = planning.settings
+    reference = (planning.reference_threshold, None)
+    counts = Counter(
+        (r.degree, *(nearest_setting(r.threshold, r.kv_retention, settings) if r.threshold is not None else reference))
+        for r in serving)
+    return tuple((*k, counts[k]) for k in sorted(counts, key=_order))
 
 
 # -- all steps ---------------------------------------------------------------------------------
@@ -273,7 +301,7 @@ def decide(now_s: float, cluster: ClusterView, load: LoadEstimate, state: Contro
         target = with_floor((), serving, config.min_replicas, planning)
         return Decision("reconfigure", f"fewer than {config.min_replicas} warm replicas",
                         tuple(diff(serving, target, variants, cluster.names())),
-                        target=tuple((d, t, n) for (d, t), n in sorted(target.items())))
+                        target=_target_rows(target))
     trigger = plan_trigger(now_s, load, state, config)
     if trigger is None:
         return Decision("idle", "no reason to re-plan")
@@ -298,7 +326,7 @@ def decide(now_s: float, cluster: ClusterView, load: LoadEstimate, state: Contro
     if result.plan is None:
         return Decision("hold", f"{trigger}: no plan ({result.status.value}: {result.message}); keeping the "
                         "running replicas", **decision)
-    running_gpus = sum(d * n for d, _, n in running)
+    running_gpus = sum(d * n for d, *_, n in running)
     candidate = result
     if result.plan.gpus_used < running_gpus and config.headroom > 0:
         padded = scaled.plan(workload.with_rate(workload.rate_rps * (1 + config.headroom)))
@@ -324,15 +352,20 @@ def decide(now_s: float, cluster: ClusterView, load: LoadEstimate, state: Contro
                         **{**decision, "has_planned": False})
     target = with_floor(candidate.plan.instances, serving, config.min_replicas, planning)
     actions = diff(serving, target, variants, cluster.names())
-    decision["target"] = tuple((d, t, n) for (d, t), n in sorted(target.items()))
+    decision["target"] = _target_rows(target)
     if not actions:
         return Decision("hold", f"{trigger}: the plan matches the running replicas", **decision)
     return Decision("reconfigure", f"{trigger}: {reason}; {_summary(candidate.plan)}", tuple(actions),
                     plan=candidate.plan, **decision)
 
 
+def _target_rows(target: Mapping[InstanceKey, int]) -> tuple[tuple[int, float, float | None, int], ...]:
+    return tuple((*k, target[k]) for k in sorted(target, key=_order))
+
+
 def _summary(p: Plan | None) -> str:
     if p is None:
         return "nothing running"
-    groups = " + ".join(f"{n}x(p={d}, t={t:g})" for d, t, n in p.instances) or "no instance"
+    groups = " + ".join(f"{n}x(p={d}, t={t:g}" + (f", kv={r:g})" if r is not None else ")")
+                        for d, t, r, n in p.instances) or "no instance"
     return f"{groups}: {100 * p.served_share:.1f}% served on {p.gpus_used} GPUs, accuracy {100 * p.accuracy:.1f}%"

@@ -31,11 +31,14 @@ def replica_deployment_name(replica: str) -> str:
     return f"replica-{replica}"  # as build_app names it
 
 
-def replica_application(config: ServeConfig, name: str, variant: VariantConfig,
-                        threshold: float | None = None) -> serve.Application:
-    """One replica of ``variant`` (at ``threshold`` when given) as an application of its own."""
+def replica_application(config: ServeConfig, name: str, variant: VariantConfig, threshold: float | None = None,
+                        kv_retention: float | None = None) -> serve.Application:
+    """One replica of ``variant`` (at ``threshold`` and sparse-KV ``kv_retention`` when given)
+    as an application of its own."""
     if threshold is not None:
         variant = dataclasses.replace(variant, threshold=threshold)
+    if kv_retention is not None:
+        variant = dataclasses.replace(variant, kv_retention=kv_retention)
     max_waiting = config.admission.max_waiting if config.admission.enabled else None
     return Replica.options(name=replica_deployment_name(name), **replica_options(variant)).bind(
         name, config.model(variant.model), variant, max_waiting)

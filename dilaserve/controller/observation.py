@@ -30,6 +30,7 @@ class ReplicaView:
     num_active: int = 0  # the engine's running + waiting requests (0 when unknown)
     app_name: str | None = None
     deployment_name: str | None = None
+    kv_retention: float | None = None  # its sparse-KV retention for requests that leave it unset (None: dense)
 
     @property
     def is_serving(self) -> bool:
@@ -124,3 +125,19 @@ def nearest(value: float | None, choices: Sequence[float]) -> float | None:
     if value is None or not choices:
         return None
     return min(choices, key=lambda c: (abs(c - value), -c))
+
+
+def nearest_setting(threshold: float, kv_retention: float | None,
+                    settings: Sequence[tuple[float, float | None]]) -> tuple[float, float | None] | None:
+    """The (threshold, kv_retention) setting closest to a replica's: the same kind (dense or
+    sparse) where there is one, then the nearest threshold, then the nearest retention."""
+    if not settings:
+        return None
+
+    def distance(s: tuple[float, float | None]) -> tuple:
+        t, r = s
+        is_other_kind = (r is None) != (kv_retention is None)
+        gap = abs(r - kv_retention) if r is not None and kv_retention is not None else 0.0
+        return (is_other_kind, abs(t - threshold), gap, -t, r is not None, -(r or 0.0))
+
+    return min(settings, key=distance)

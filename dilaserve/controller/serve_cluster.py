@@ -4,7 +4,7 @@ Reads: the ingress's ``load_report`` (counters, lengths, the routed replicas wit
 in-flight counts and stats) and ``serve.status()`` (which replica applications exist and
 whether they run). Writes: ``serve.run_many`` / ``serve.delete`` of a replica's own
 application (``deploy.py``), the ingress's ``add_replica`` / ``drain_replica`` /
-``remove_replica``, and a replica's ``set_policy``.
+``remove_replica``, and a replica's ``set_policy`` (threshold and sparse-KV retention).
 """
 
 from __future__ import annotations
@@ -74,7 +74,8 @@ class ServeCluster:
                 is_routed=True, is_draining=bool(row["is_draining"]), is_removable=is_removable,
                 num_in_flight=int(row["num_in_flight"]),
                 num_active=int(engine.get("num_running", 0)) + int(engine.get("num_waiting", 0)),
-                app_name=row.get("app_name"), deployment_name=row.get("deployment_name")))
+                app_name=row.get("app_name"), deployment_name=row.get("deployment_name"),
+                kv_retention=stats.get("default_kv_retention") if isinstance(stats, dict) else None))
         routed = {v.name for v in views}
         for name, status in apps.items():
             variant = self._variant_of(name)
@@ -100,8 +101,8 @@ class ServeCluster:
         return row["num_in_flight"] == 0 and engine["num_running"] == 0 and engine["num_waiting"] == 0
 
     # -- changing ----------------------------------------------------------------------------
-    def start_replica(self, name: str, variant: str, threshold: float) -> None:
-        app = replica_application(self.config, name, self.variants[variant], threshold)
+    def start_replica(self, name: str, variant: str, threshold: float, kv_retention: float | None = None) -> None:
+        app = replica_application(self.config, name, self.variants[variant], threshold, kv_retention)
         serve.run_many([serve.RunTarget(app, name=replica_app_name(self.config.app_name, name), route_prefix=None)],
                        wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
 
@@ -116,10 +117,10 @@ class ServeCluster:
     def drain(self, name: str) -> None:
         self._call("drain_replica", name)
 
-    def set_threshold(self, name: str, threshold: float) -> None:
+    def set_policy(self, name: str, threshold: float, kv_retention: float | None = None) -> None:
         row = next(r for r in self._call("load_report")["replicas"] if r["name"] == name)
         handle = serve.get_deployment_handle(row["deployment_name"], app_name=row["app_name"])
-        handle.set_policy.remote(threshold=threshold).result(timeout_s=self.call_timeout_s)
+        handle.set_policy.remote(threshold=threshold, kv_retention=kv_retention).result(timeout_s=self.call_timeout_s)
 
     def stop_replica(self, name: str) -> None:
         rows = {r["name"]: r for r in self._call("load_report")["replicas"]}

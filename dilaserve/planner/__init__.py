@@ -1,6 +1,7 @@
 """The planner: how many instances of each parallelism degree to run, at which confidence
-threshold, and how to split traffic over them, so the most traffic meets its SLO while
-accuracy stays within a budget of the best (an integer program, solved with PuLP).
+threshold, dense or with sparse KV (at which retention), and how to split traffic over them,
+so the most traffic meets its SLO while accuracy stays within a budget of the best (an
+integer program, solved with PuLP).
 
 Files: ``profiles`` (the latency and quality profile formats), ``workload`` (rate and request
 lengths), ``capacity`` (requests/s one instance serves within SLO, from the engine's cost

@@ -1,6 +1,7 @@
 """The planner's integer program, solved lexicographically with PuLP.
 
-Variables, for each group ``k`` = (degree ``p``, threshold ``t``) of a capacity table:
+Variables, for each group ``k`` = (degree ``p``, threshold ``t``, sparse-KV retention ``r``) of a
+capacity table (dense and sparse are just different groups, with their own capacity and accuracy):
 ``n[k]`` integer instances, ``x[k]`` in [0, 1] the share of all traffic they take.
 
     sum_k p_k n[k]                     <= G                (GPUs)

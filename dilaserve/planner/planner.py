@@ -37,7 +37,7 @@ def _pct(fraction: float) -> str:
 
 
 def _name(g: GroupCapacity) -> str:
-    return f"p={g.degree}, t={g.threshold:g}"
+    return f"p={g.degree}, t={g.threshold:g}" + (f", kv={g.kv_retention:g}" if g.kv_retention is not None else "")
 
 
 def _check_inputs(profiles: ProfileSet, workload: Workload, gpus: int, slo_scale: float, quality_budget: float,
@@ -71,7 +71,7 @@ def _check_inputs(profiles: ProfileSet, workload: Workload, gpus: int, slo_scale
 def _plan_from(table: CapacityTable, solution: ILPSolution, rate: float, gpus: int, best: float, floor: float) -> Plan:
     groups = tuple(
         InstanceGroup(g.degree, g.threshold, solution.counts.get(k, 0), solution.shares.get(k, 0.0), g.capacity_rps,
-                      g.max_batch, g.accuracy)
+                      g.max_batch, g.accuracy, g.kv_retention)
         for k, g in enumerate(table.groups) if solution.counts.get(k) or solution.shares.get(k))
     return Plan(groups, rate, gpus, solution.gpus_used, solution.served_share, solution.accuracy, best, floor,
                 table.deadline_s, solution.solve_time_s, solution.solver, solution.is_proven_optimal)
@@ -122,7 +122,9 @@ def _gpus_needed(table: CapacityTable, rate: float, floor: float, options: Plann
 
 def plan(profiles: ProfileSet, workload: Workload, gpus: int, slo_scale: float, quality_budget: float,
          options: PlannerOptions = PlannerOptions()) -> PlanResult:
-    """Instances per (degree, threshold) and traffic shares for ``workload`` on ``gpus`` GPUs.
+    """Instances per (degree, threshold, kv_retention) and traffic shares for ``workload`` on
+    ``gpus`` GPUs. Sparse KV is one more setting: chosen where the quality profile measured it,
+    the cost model says it serves more (long contexts) and the quality budget allows.
 
     ``slo_scale``: a request's deadline is this times its latency alone at the reference
     setting. ``quality_budget``: accuracy points (1.0 = 0.01) the served traffic's mean
@@ -160,24 +162,43 @@ def plan(profiles: ProfileSet, workload: Workload, gpus: int, slo_scale: float, 
                       f"{summary}{more}", result, gpus_needed=needed, **common)
 
 
-def evaluate(instances: Sequence[tuple[int, float, int]], profiles: ProfileSet, workload: Workload, slo_scale: float,
+def _instance_keys(instances: Sequence[tuple]) -> list[tuple[int, float, float | None, int]] | None:
+    """``(degree, threshold, kv_retention, count)`` rows; ``(degree, threshold, count)`` rows
+    (written before sparse KV) are dense. None when a row is neither."""
+    rows = []
+    for row in instances:
+        if len(row) == 3:
+            rows.append((row[0], row[1], None, row[2]))
+        elif len(row) == 4:
+            rows.append(tuple(row))
+        else:
+            return None
+    return rows
+
+
+def evaluate(instances: Sequence[tuple], profiles: ProfileSet, workload: Workload, slo_scale: float,
              quality_budget: float, options: PlannerOptions = PlannerOptions()) -> PlanResult:
-    """The best routing of ``workload`` over fixed ``(degree, threshold, count)`` instances:
-    what a running cluster achieves at a new load (compare it with ``plan`` to decide whether
-    reconfiguring is worth it)."""
-    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for _, _, n in instances):
+    """The best routing of ``workload`` over fixed ``(degree, threshold, kv_retention, count)``
+    instances (``(degree, threshold, count)``: dense): what a running cluster achieves at a new
+    load (compare it with ``plan`` to decide whether reconfiguring is worth it)."""
+    rows = _instance_keys(instances)
+    if rows is None:
+        return PlanResult(PlanStatus.INVALID, "instances must be (degree, threshold, kv_retention, count) rows")
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for *_, n in rows):
         return PlanResult(PlanStatus.INVALID, "instance counts must be whole numbers >= 0")
-    gpus = sum(p * n for p, _, n in instances)
+    gpus = sum(p * n for p, *_, n in rows)
     problem = _check_inputs(profiles, workload, gpus, slo_scale, quality_budget, options)
     if problem:
         return PlanResult(PlanStatus.INVALID, problem)
     table = capacity_table(profiles, workload, slo_scale, options.utilization)
-    index = {(g.degree, g.threshold): k for k, g in enumerate(table.groups)}
+    index = {g.key: k for k, g in enumerate(table.groups)}
     counts: dict[int, int] = {}
-    for p, t, n in instances:
-        if (p, t) not in index:
-            return PlanResult(PlanStatus.INVALID, f"instances of degree {p} at threshold {t:g} are not in the profiles")
-        counts[index[(p, t)]] = counts.get(index[(p, t)], 0) + n
+    for p, t, r, n in rows:
+        if (p, t, r) not in index:
+            sparse = f" with kv_retention {r:g}" if r is not None else ""
+            return PlanResult(PlanStatus.INVALID,
+                              f"instances of degree {p} at threshold {t:g}{sparse} are not in the profiles")
+        counts[index[(p, t, r)]] = counts.get(index[(p, t, r)], 0) + n
     best = max(g.accuracy for g in table.groups)
     floor = best - quality_budget / 100
     rate = float(workload.rate_rps)

@@ -8,11 +8,16 @@ engine's per-step cost coefficients (``StepCost``) and what one instance can hol
                   "max_running": 256, "kv_capacity_tokens": 190000}, ...]}
 
 A *quality profile* (one model, one task) holds, for each confidence threshold (and
-optionally chunk size), the accuracy measured and the mean tokens decided per step:
+optionally chunk size and sparse-KV retention), the accuracy measured and the mean tokens
+decided per step:
 
     {"model": "llada-8b", "task": "gsm8k", "block_size": 32, "illustrative": false,
      "entries": [{"threshold": 0.9, "chunk": 32, "accuracy": 0.785, "accuracy_ci": [0.763, 0.807],
-                  "tokens_per_step": 3.25, "num": 1319}, ...]}
+                  "tokens_per_step": 3.25, "num": 1319},
+                 {"threshold": 0.9, "chunk": 32, "kv_retention": 0.5, "accuracy": 0.775, ...}, ...]}
+
+``kv_retention`` is head-centric sparse KV's retention, as ``SamplingParams.kv_retention``:
+absent or null means dense (so files written before sparse KV read as dense throughout).
 
 Accuracy is a fraction in [0, 1]. docs/planner.md is the reference for both formats. A file
 that breaks them raises ``ProfileError`` naming the file and the field.
@@ -22,7 +27,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +77,12 @@ class QualityEntry:
     chunk: int | None = None  # query positions per step; None: the whole block
     accuracy_ci: tuple[float, float] | None = None
     num: int | None = None  # examples the accuracy was measured on
+    kv_retention: float | None = None  # sparse KV's share of out-of-block positions kept; None: dense
+
+    @property
+    def setting(self) -> tuple[float, float | None]:
+        """What the planner chooses between: (threshold, kv_retention)."""
+        return (self.threshold, self.kv_retention)
 
 
 @dataclass(frozen=True)
@@ -83,9 +94,10 @@ class QualityProfile:
     is_illustrative: bool = False
 
     def settings(self) -> tuple[QualityEntry, ...]:
-        """One entry per threshold, highest threshold first.
+        """One entry per (threshold, kv_retention): highest threshold first, dense before sparse,
+        then higher retention first.
 
-        The cost model prices a reuse step over the whole block, so where a threshold was
+        The cost model prices a reuse step over the whole block, so where a setting was
         measured at several chunk sizes the planner takes the whole-block entry (``chunk``
         None or ``block_size``), else the largest chunk. Smaller chunks are the replica's
         chunk controller's business, not the planner's.
@@ -93,18 +105,27 @@ class QualityProfile:
         def chunk(entry: QualityEntry) -> int:
             return self.block_size if entry.chunk is None else min(entry.chunk, self.block_size)
 
-        best: dict[float, QualityEntry] = {}
+        best: dict[tuple[float, float | None], QualityEntry] = {}
         for entry in self.entries:
-            if entry.threshold not in best or chunk(entry) > chunk(best[entry.threshold]):
-                best[entry.threshold] = entry
-        return tuple(best[t] for t in sorted(best, reverse=True))
+            if entry.setting not in best or chunk(entry) > chunk(best[entry.setting]):
+                best[entry.setting] = entry
+        return tuple(sorted(best.values(), key=lambda e: (-e.threshold, e.kv_retention is not None,
+                                                          -(e.kv_retention or 0.0))))
+
+    @property
+    def has_sparse(self) -> bool:
+        return any(e.kv_retention is not None for e in self.entries)
+
+    def without_sparse(self) -> "QualityProfile":
+        """The dense entries only (for consumers that cannot run sparse KV, such as the simulator)."""
+        return replace(self, entries=tuple(e for e in self.entries if e.kv_retention is None))
 
     def to_dict(self) -> dict[str, Any]:
         entries = []
         for e in self.entries:
             row: dict[str, Any] = {"threshold": e.threshold, "chunk": e.chunk, "accuracy": e.accuracy,
                                    "accuracy_ci": list(e.accuracy_ci) if e.accuracy_ci else None,
-                                   "tokens_per_step": e.tokens_per_step, "num": e.num}
+                                   "tokens_per_step": e.tokens_per_step, "num": e.num, "kv_retention": e.kv_retention}
             entries.append({k: v for k, v in row.items() if v is not None})
         return {"model": self.model, "task": self.task, "block_size": self.block_size,
                 "illustrative": self.is_illustrative, "entries": entries}
@@ -121,6 +142,9 @@ class ProfileSet:
     @property
     def is_illustrative(self) -> bool:
         return self.latency.is_illustrative or self.quality.is_illustrative
+
+    def without_sparse(self) -> "ProfileSet":
+        return replace(self, quality=self.quality.without_sparse())
 
 
 # -- reading -----------------------------------------------------------------------------------
@@ -178,7 +202,7 @@ def quality_profile_from_dict(data: Any, where: str = "quality profile") -> Qual
         raise ProfileError(f"{where}: expected a JSON object")
     block_size = _number(data, "block_size", where, minimum=1, integer=True)
     entries: list[QualityEntry] = []
-    seen: set[tuple[float, int | None]] = set()
+    seen: set[tuple[float, int | None, float | None]] = set()
     for i, row in enumerate(_list(data, "entries", where)):
         at = f"{where}: entries[{i}]"
         if not isinstance(row, dict):
@@ -187,9 +211,11 @@ def quality_profile_from_dict(data: Any, where: str = "quality profile") -> Qual
             continue  # a fixed-steps baseline the profiler also measures: not a setting to plan
         threshold = _number(row, "threshold", at, minimum=0, maximum=1, exclusive_min=True)
         chunk = _number(row, "chunk", at, minimum=1, integer=True, default=None)
-        if (threshold, chunk) in seen:
-            raise ProfileError(f"{at}: threshold {threshold} with chunk {chunk} appears twice")
-        seen.add((threshold, chunk))
+        retention = _number(row, "kv_retention", at, minimum=0, maximum=1, exclusive_min=True, default=None)
+        if (threshold, chunk, retention) in seen:
+            sparse = f" and kv_retention {retention}" if retention is not None else ""
+            raise ProfileError(f"{at}: threshold {threshold} with chunk {chunk}{sparse} appears twice")
+        seen.add((threshold, chunk, retention))
         ci = row.get("accuracy_ci")
         if ci is not None:
             if (not isinstance(ci, list) or len(ci) != 2
@@ -199,7 +225,7 @@ def quality_profile_from_dict(data: Any, where: str = "quality profile") -> Qual
         entries.append(QualityEntry(
             threshold, _number(row, "accuracy", at, minimum=0, maximum=1),
             _number(row, "tokens_per_step", at, minimum=1, maximum=block_size), chunk, ci,
-            _number(row, "num", at, minimum=0, integer=True, default=None)))
+            _number(row, "num", at, minimum=0, integer=True, default=None), retention))
     if not entries:
         raise ProfileError(f"{where}: no entry with a threshold (fixed-steps entries are not planned)")
     return QualityProfile(block_size, tuple(entries), str(data.get("model", "")), str(data.get("task", "")),

@@ -20,7 +20,8 @@ class PlanStatus(str, Enum):
 
 @dataclass(frozen=True)
 class InstanceGroup:
-    """``count`` instances of ``degree`` GPUs each, decoding at ``threshold``."""
+    """``count`` instances of ``degree`` GPUs each, decoding at ``threshold`` with sparse KV at
+    ``kv_retention`` (None: dense)."""
 
     degree: int
     threshold: float
@@ -29,20 +30,25 @@ class InstanceGroup:
     capacity_rps: float  # per instance, within SLO
     max_batch: int  # requests in flight per instance the plan assumes
     accuracy: float
+    kv_retention: float | None = None
 
     @property
     def gpus(self) -> int:
         return self.degree * self.count
 
+    @property
+    def key(self) -> tuple[int, float, float | None]:
+        return (self.degree, self.threshold, self.kv_retention)
+
     def to_dict(self) -> dict[str, Any]:
-        return {"degree": self.degree, "threshold": self.threshold, "count": self.count, "gpus": self.gpus,
-                "traffic_share": self.traffic_share, "capacity_rps": self.capacity_rps,
-                "max_batch": self.max_batch, "accuracy": self.accuracy}
+        return {"degree": self.degree, "threshold": self.threshold, "kv_retention": self.kv_retention,
+                "count": self.count, "gpus": self.gpus, "traffic_share": self.traffic_share,
+                "capacity_rps": self.capacity_rps, "max_batch": self.max_batch, "accuracy": self.accuracy}
 
 
 @dataclass(frozen=True)
 class Plan:
-    groups: tuple[InstanceGroup, ...]  # degree ascending, threshold descending
+    groups: tuple[InstanceGroup, ...]  # degree ascending, threshold descending, dense before sparse
     rate_rps: float
     gpus_available: int
     gpus_used: int
@@ -56,13 +62,14 @@ class Plan:
     is_proven_optimal: bool = True
 
     @property
-    def instances(self) -> tuple[tuple[int, float, int], ...]:
-        """``(degree, threshold, count)`` of every group that runs instances."""
-        return tuple((g.degree, g.threshold, g.count) for g in self.groups if g.count)
+    def instances(self) -> tuple[tuple[int, float, float | None, int], ...]:
+        """``(degree, threshold, kv_retention, count)`` of every group that runs instances
+        (``kv_retention`` None: dense)."""
+        return tuple((*g.key, g.count) for g in self.groups if g.count)
 
     @property
-    def traffic_shares(self) -> dict[tuple[int, float], float]:
-        return {(g.degree, g.threshold): g.traffic_share for g in self.groups if g.traffic_share}
+    def traffic_shares(self) -> dict[tuple[int, float, float | None], float]:
+        return {g.key: g.traffic_share for g in self.groups if g.traffic_share}
 
     @property
     def served_rps(self) -> float:
@@ -84,7 +91,7 @@ class PlanResult:
     plan: Plan | None = None  # present for OPTIMAL and OVERLOADED
     deadline_s: float | None = None
     gpus_needed: int | None = None  # GPUs that would serve all traffic (OVERLOADED only)
-    capacities: tuple[GroupCapacity, ...] = field(default=())  # every (degree, threshold) considered
+    capacities: tuple[GroupCapacity, ...] = field(default=())  # every (degree, threshold, kv_retention) considered
 
     @property
     def has_plan(self) -> bool:
@@ -94,7 +101,8 @@ class PlanResult:
         return {"status": self.status.value, "message": self.message,
                 "plan": self.plan.to_dict() if self.plan else None, "deadline_s": self.deadline_s,
                 "gpus_needed": self.gpus_needed,
-                "capacities": [{"degree": c.degree, "threshold": c.threshold, "accuracy": c.accuracy,
+                "capacities": [{"degree": c.degree, "threshold": c.threshold, "kv_retention": c.kv_retention,
+                                "accuracy": c.accuracy,
                                 "tokens_per_step": c.tokens_per_step, "solo_latency_s": c.solo_latency_s,
                                 "max_batch": c.max_batch, "batch_latency_s": c.batch_latency_s,
                                 "capacity_rps": c.capacity_rps, "limited_by": c.limited_by}

@@ -49,6 +49,9 @@ class VariantConfig:
     max_ongoing_requests: int = 1024  # concurrent requests Serve lets through to one replica
     threshold: float | None = None  # initial default threshold (None: the engine's own)
     engine: Mapping[str, Any] = field(default_factory=dict)  # EngineConfig fields
+    # Initial sparse-KV retention for requests that leave kv_retention unset, where sparse KV is
+    # valid (dual cache, bidirectional model); None: dense. The controller changes it live.
+    kv_retention: float | None = None
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,7 @@ class VariantSection(_Section):
     max_ongoing_requests: int = Field(1024, ge=1)
     threshold: float | None = Field(None, gt=0, le=1)
     engine: dict[str, Any] = Field(default_factory=dict)
+    kv_retention: float | None = Field(None, gt=0, le=1)
 
     @model_validator(mode="after")
     def _engine_fields_exist(self) -> "VariantSection":

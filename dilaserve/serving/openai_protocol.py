@@ -260,6 +260,22 @@ def to_sampling_params(
     return params
 
 
+def with_replica_defaults(params: SamplingParams, threshold: float, kv_retention: float | None,
+                          is_block_causal: bool) -> SamplingParams:
+    """``params`` with a replica's defaults filled in: ``threshold`` where the request asked for
+    none (raised to its quality floor), and sparse KV at ``kv_retention`` where the request
+    left it unset and it is valid: the dual cache without refresh interval, on a bidirectional
+    model. A request's own retention is kept; a request on another cache mode, or on a
+    block-causal model, stays dense."""
+    changes: dict[str, Any] = {}
+    if params.steps is None and params.threshold is None:
+        changes["threshold"] = max(threshold, params.threshold_floor or 0.0)
+    if (kv_retention is not None and params.kv_retention is None and params.cache == "dual"
+            and not params.refresh_interval and not is_block_causal):
+        changes["kv_retention"] = kv_retention
+    return dataclasses.replace(params, **changes) if changes else params
+
+
 def check_params(params: SamplingParams) -> None:
     """The engine's own validation, as a 400 (a placeholder stands in for a default threshold)."""
     probe = params

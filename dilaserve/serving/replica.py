@@ -1,8 +1,9 @@
 """The replica deployment: one model instance, its ``AsyncEngine``, behind Ray Serve.
 
 The engine knows only token ids; the replica adds what sits between it and the ingress:
-the current default threshold (changed live by ``set_policy``), incremental detokenization
-and stop strings (a match aborts the engine request and ends the stream with "stop"), and
+the current default threshold and sparse-KV retention (changed live by ``set_policy``),
+incremental detokenization and stop strings (a match aborts the engine request and ends the
+stream with "stop"), and
 the predictions the ingress uses for admission and routing. A stream that ends early for any
 other reason (client gone, ingress cancelled) aborts the engine request, freeing its pages.
 """
@@ -23,12 +24,14 @@ from dilaserve.serving.admission import SQUEEZE_REASON, Prediction, decide, refu
 from dilaserve.serving.config import ModelConfig, VariantConfig
 from dilaserve.serving.detokenizer import IncrementalDetokenizer
 from dilaserve.serving.messages import AdmissionCheck, Chunk, Estimate, GenerateRequest
+from dilaserve.serving.openai_protocol import with_replica_defaults
 
 logger = logging.getLogger(__name__)
 
 METRICS_PERIOD_S = 1.0
 # Engine finish reasons as OpenAI names them; "eos" and stop token ids both mean "stop".
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "abort": "abort", "error": "error"}
+KEEP = "keep"  # set_policy's kv_retention when it is not to change (None means dense)
 
 
 class ReplicaServer:
@@ -52,6 +55,8 @@ class ReplicaServer:
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(model_dir)
         self.default_threshold: float = variant.threshold or engine_config.default_threshold
+        self.default_kv_retention: float | None = variant.kv_retention  # None: dense
+        self.is_block_causal = bool(getattr(getattr(self.engine, "spec", None), "causal_block_size", 0))
         self.max_waiting = max_waiting  # waiting requests before this replica answers 429
         self.engine.set_policy(default_threshold=self.default_threshold, max_waiting=max_waiting)
         self._metrics = ReplicaMetrics(model.name, variant.name)
@@ -61,11 +66,9 @@ class ReplicaServer:
     # -- requests ----------------------------------------------------------------------------
     def resolve(self, params: SamplingParams) -> SamplingParams:
         """The params as this replica runs them: its default threshold where none was asked,
-        never below the request's quality floor."""
-        if params.steps is not None or params.threshold is not None:
-            return params
-        threshold = max(self.default_threshold, params.threshold_floor or 0.0)
-        return dataclasses.replace(params, threshold=threshold)
+        never below the request's quality floor; its sparse-KV retention where none was asked
+        and sparse KV is valid (see ``with_replica_defaults``)."""
+        return with_replica_defaults(params, self.default_threshold, self.default_kv_retention, self.is_block_causal)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         params = self.resolve(request.params)
@@ -200,26 +203,33 @@ class ReplicaServer:
         tp = getattr(getattr(self.engine, "engine", None), "tp", None)
         return {
             "name": self.name, "model": self.model_name, "variant": self.variant,
-            "default_threshold": self.default_threshold, "max_waiting": self.max_waiting,
+            "default_threshold": self.default_threshold, "default_kv_retention": self.default_kv_retention,
+            "max_waiting": self.max_waiting,
             "tensor_parallel": tp.degree if tp is not None else 1,
             "worker_pids": tp.worker_pids() if tp is not None else [],
             "engine": dataclasses.asdict(self.engine.stats()),
         }
 
-    async def set_policy(self, threshold: float | None = None, max_waiting: int | None = None) -> dict[str, Any]:
-        """Changes the default threshold and / or the waiting-queue limit live. Requests in
-        flight keep running; new ones use the new values."""
+    async def set_policy(self, threshold: float | None = None, max_waiting: int | None = None,
+                         kv_retention: float | None | str = KEEP) -> dict[str, Any]:
+        """Changes the default threshold, the waiting-queue limit and / or the sparse-KV retention
+        (None: dense; ``KEEP``, the default: unchanged) live. Requests in flight keep running;
+        new ones use the new values."""
         if threshold is not None:
             if not 0.0 < threshold <= 1.0:
                 raise InvalidRequestError(f"threshold must be in (0, 1], got {threshold}")
             self.default_threshold = threshold
+        if kv_retention != KEEP:
+            if kv_retention is not None and (isinstance(kv_retention, (bool, str)) or not 0.0 < kv_retention <= 1.0):
+                raise InvalidRequestError(f"kv_retention must be in (0, 1] or None (dense), got {kv_retention!r}")
+            self.default_kv_retention = kv_retention
         if max_waiting is not None:
             if max_waiting < 0:
                 raise InvalidRequestError(f"max_waiting must be >= 0, got {max_waiting}")
             self.max_waiting = max_waiting
         self.engine.set_policy(default_threshold=threshold, max_waiting=max_waiting)
-        logger.info("replica %s policy: threshold %s, max_waiting %s",
-                    self.name, self.default_threshold, self.max_waiting)
+        logger.info("replica %s policy: threshold %s, kv_retention %s, max_waiting %s",
+                    self.name, self.default_threshold, self.default_kv_retention, self.max_waiting)
         return await self.stats()
 
     async def check_health(self) -> None:

@@ -45,7 +45,9 @@ class AcceptanceModel:
         without it, full-block entries (no chunk, or chunk >= block size: what the engine's
         default fixed chunk control queries) when the profile has any, else all."""
         data = json.loads(Path(path).read_text())
-        entries = [e for e in data.get("entries", []) if e.get("threshold") is not None and e.get("tokens_per_step")]
+        # Dense entries only: the simulated replicas do not model sparse KV.
+        entries = [e for e in data.get("entries", []) if e.get("threshold") is not None and e.get("tokens_per_step")
+                   and e.get("kv_retention") is None]
         if chunk is not None:
             entries = [e for e in entries if e.get("chunk") == chunk]
         else:

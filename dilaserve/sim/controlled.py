@@ -12,7 +12,9 @@ replicas, both fidelities). What it does, as ``ServeCluster`` does on Ray Serve:
 - ``route`` / ``drain`` / ``unroute`` change which replicas take new requests
   (``SimIngress.set_routable``); a draining replica finishes what it holds and takes nothing
   new; ``is_drained``: the ingress has nothing in flight there;
-- ``set_threshold`` is ``set_policy``: requests admitted from then on take the new threshold;
+- ``set_policy``: requests admitted from then on take the new threshold; the simulated
+  replicas do not model sparse KV, so a sparse retention is refused (plan with
+  ``ProfileSet.without_sparse()``);
 - ``stop_replica`` frees the slot, and refuses (recording a violation) while requests are in
   flight there, so a lost request cannot go unnoticed;
 - ``observe`` reports the replicas and the ingress's counters as ``LoadCounters`` keeps them
@@ -115,6 +117,11 @@ def expand_slots(cluster: ClusterConfig, variants: Mapping[int, str], gpus: int)
     return dataclasses.replace(cluster, groups=tuple(groups))
 
 
+def _refuse_sparse(kv_retention: float | None) -> None:
+    if kv_retention is not None:
+        raise ValueError("the simulator does not model sparse KV; plan with ProfileSet.without_sparse()")
+
+
 class SimulatedCluster:
     """The controller's ``ObservableCluster`` over a simulated replay (see the module docstring)."""
 
@@ -200,7 +207,8 @@ class SimulatedCluster:
         return member is None or self.ingress.in_flight[member.slot] == 0
 
     # -- changing ----------------------------------------------------------------------------
-    def start_replica(self, name: str, variant: str, threshold: float) -> None:
+    def start_replica(self, name: str, variant: str, threshold: float, kv_retention: float | None = None) -> None:
+        _refuse_sparse(kv_retention)
         if name in self.members:
             raise ValueError(f"replica {name} exists already")
         free = self.free_slots.get(variant)
@@ -228,7 +236,8 @@ class SimulatedCluster:
         member.is_routed = False
         self._update_routing("unroute", name)
 
-    def set_threshold(self, name: str, threshold: float) -> None:
+    def set_policy(self, name: str, threshold: float, kv_retention: float | None = None) -> None:
+        _refuse_sparse(kv_retention)
         member = self.members[name]
         self.engines.set_threshold(member.slot, threshold)
         member.threshold = threshold

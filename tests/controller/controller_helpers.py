@@ -77,6 +77,7 @@ class FakeReplica:
     is_removable: bool = True
     num_in_flight: int = 0
     polls_to_ready: int = 0
+    kv_retention: float | None = None
 
 
 @dataclass
@@ -117,17 +118,17 @@ class FakeCluster:
     def observe(self, now_s: float) -> Observation:
         views = tuple(ReplicaView(
             n, r.variant, r.degree, r.threshold, r.status, r.is_routed, r.is_draining, r.is_removable,
-            r.num_in_flight, r.num_in_flight) for n, r in sorted(self.replicas.items()))
+            r.num_in_flight, r.num_in_flight, kv_retention=r.kv_retention) for n, r in sorted(self.replicas.items()))
         load = LoadSnapshot(now_s, self.epoch, self.arrivals, 0, self.finished, self.met, self.lengths)
         return Observation(now_s, ClusterView(views), load)
 
-    def start_replica(self, name, variant, threshold) -> None:
+    def start_replica(self, name, variant, threshold, kv_retention=None) -> None:
         assert name not in self.replicas, f"{name} started twice"
         degree = {v: d for d, v in VARIANTS.items()}[variant]
         status = FAILED if name in self.fail_to_start else STARTING
         self.replicas[name] = FakeReplica(variant, degree, threshold, status, is_routed=False,
-                                          polls_to_ready=self.polls_to_ready)
-        self._log("start", name, threshold)
+                                          polls_to_ready=self.polls_to_ready, kv_retention=kv_retention)
+        self._log("start", name, threshold, *([kv_retention] if kv_retention is not None else []))
 
     def replica_status(self, names):
         out = {}
@@ -155,10 +156,11 @@ class FakeCluster:
         r.is_routed = False
         self._log("unroute", name)
 
-    def set_threshold(self, name, threshold) -> None:
+    def set_policy(self, name, threshold, kv_retention=None) -> None:
         assert self.replicas[name].status == READY
         self.replicas[name].threshold = threshold
-        self._log("set_threshold", name, threshold)
+        self.replicas[name].kv_retention = kv_retention
+        self._log("set_policy", name, threshold, kv_retention)
 
     def drain(self, name) -> None:
         self.replicas[name].is_draining = True

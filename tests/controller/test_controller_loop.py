@@ -43,12 +43,12 @@ def test_scales_up_under_load_and_back_down_when_it_ends():
     assert cluster.serving() == ["cpu-0"] and not cluster.calls
     run(controller, cluster, 3.0, 15)  # one replica serves ~1.1 req/s at 0.9, ~2 at 0.7
     assert sorted(cluster.serving()) == ["cpu-0", "cpu-1"]
-    assert [c[0] for c in cluster.calls if c[0] != "set_threshold"] == ["start", "route"]
+    assert [c[0] for c in cluster.calls if c[0] != "set_policy"] == ["start", "route"]
     cluster.replicas["cpu-1"].num_in_flight = 3  # still busy when the load ends
     run(controller, cluster, 0.0, 60)
     assert cluster.serving() == ["cpu-0"]
     # On the way up a lower threshold first (the rate window climbs), then a second replica.
-    assert cluster.calls == [("set_threshold", "cpu-0", 0.7), ("start", "cpu-1", 0.9), ("route", "cpu-1"),
+    assert cluster.calls == [("set_policy", "cpu-0", 0.7, None), ("start", "cpu-1", 0.9), ("route", "cpu-1"),
                              ("drain", "cpu-1"), ("stop", "cpu-1")]
     assert min(cluster.serving_counts) >= 1
     assert controller.num_reconfigurations == 3
@@ -70,7 +70,7 @@ def test_threshold_only_change_is_pushed_live():
     cluster.add("cpu-0", threshold=0.9)
     controller = make_controller(cluster, gpus=1)
     run(controller, cluster, 1.5, 20)
-    assert cluster.calls == [("set_threshold", "cpu-0", 0.7)]
+    assert cluster.calls == [("set_policy", "cpu-0", 0.7, None)]
     assert cluster.serving() == ["cpu-0"]
 
 
@@ -81,7 +81,7 @@ def test_a_replica_that_fails_to_start_changes_nothing_and_is_removed():
     run(controller, cluster, 2.0, 12)
     assert cluster.serving() == ["cpu-0"]
     assert cluster.calls[:2] == [("start", "cpu-1", 0.9), ("stop", "cpu-1")]
-    assert not any(c[0] in ("drain", "set_threshold") for c in cluster.calls)
+    assert not any(c[0] in ("drain", "set_policy") for c in cluster.calls)
     assert controller.history[-1].kind in ("reconfigure", "hold", "idle")
     assert any(r.error and "failed to start" in r.error for r in controller.history)
 
@@ -122,7 +122,7 @@ def test_every_reconfiguration_keeps_serving_capacity():
     cluster = FakeCluster(FakeClock())
     cluster.add("cpu-0")
     cluster.add("cpu-1")
-    actions = diff([v for v in cluster.observe(0).cluster.replicas], {(2, 0.9): 1}, VARIANTS, {"cpu-0", "cpu-1"})
+    actions = diff([v for v in cluster.observe(0).cluster.replicas], {(2, 0.9, None): 1}, VARIANTS, {"cpu-0", "cpu-1"})
     result = apply(actions, cluster, start_timeout_s=30, drain_timeout_s=30, clock=cluster.clock,
                    sleep=cluster.clock.sleep)
     assert result.is_complete
@@ -139,7 +139,7 @@ def test_nothing_is_removed_if_routing_the_new_replica_fails():
         raise RuntimeError("ingress unreachable")
 
     cluster.route = broken_route
-    actions = diff([v for v in cluster.observe(0).cluster.replicas], {(2, 0.9): 1}, VARIANTS, {"cpu-0"})
+    actions = diff([v for v in cluster.observe(0).cluster.replicas], {(2, 0.9, None): 1}, VARIANTS, {"cpu-0"})
     result = apply(actions, cluster, start_timeout_s=30, drain_timeout_s=30, clock=cluster.clock,
                    sleep=cluster.clock.sleep)
     assert not result.is_complete and "ingress unreachable" in result.error

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from dilaserve.controller.actions import (
-    AwaitDrained, AwaitReady, DrainReplica, RouteReplica, SetThreshold, StartReplica, StopReplica, UnrouteReplica,
+    AwaitDrained, AwaitReady, DrainReplica, RouteReplica, SetPolicy, StartReplica, StopReplica, UnrouteReplica,
 )
 from dilaserve.controller.decision import ControllerState, decide, diff, next_names, plan_trigger
 from dilaserve.controller.observation import FAILED, MISSING, READY, STARTING, LoadEstimate
@@ -31,7 +31,7 @@ def kinds(actions) -> list[str]:
 def test_scale_up_starts_waits_and_routes_before_anything_else():
     d = decide(NOW, view(replica("cpu-0")), load(2.0), ControllerState(), make_config(), make_planning(), VARIANTS)
     assert d.kind == "reconfigure" and d.has_planned
-    assert d.target == ((1, 0.9, 2),)
+    assert d.target == ((1, 0.9, None, 2),)
     assert d.actions == (StartReplica("cpu-1", "cpu", 0.9), AwaitReady(("cpu-1",)), RouteReplica("cpu-1"))
 
 
@@ -78,7 +78,7 @@ def test_a_small_dip_does_not_shrink_the_cluster_thanks_to_headroom():
     assert d.kind == "hold" and not d.actions, d.reason
     # Without headroom the same dip shrinks it (and lowers the threshold of the one kept).
     d = decide(NOW, two, load(1.9), state, make_config(headroom=0.0), make_planning(), VARIANTS)
-    assert d.actions == (SetThreshold("cpu-0", 0.7), DrainReplica("cpu-1"), AwaitDrained(("cpu-1",)),
+    assert d.actions == (SetPolicy("cpu-0", 0.7), DrainReplica("cpu-1"), AwaitDrained(("cpu-1",)),
                          StopReplica("cpu-1"))
 
 
@@ -94,12 +94,12 @@ def test_threshold_only_change_is_a_live_push_without_restart():
     d = decide(NOW, view(replica("cpu-0")), load(1.5), planned(at=NOW - 100), make_config(gpus=1),
                make_planning(gpus=1), VARIANTS)
     assert d.kind == "reconfigure"
-    assert d.actions == (SetThreshold("cpu-0", 0.7),)
+    assert d.actions == (SetPolicy("cpu-0", 0.7),)
 
 
 def test_changing_degree_starts_new_variants_before_draining_old_ones():
     old = [replica("cpu-0"), replica("cpu-1")]
-    actions = diff(old, {(2, 0.9): 1}, VARIANTS, {"cpu-0", "cpu-1"})
+    actions = diff(old, {(2, 0.9, None): 1}, VARIANTS, {"cpu-0", "cpu-1"})
     assert kinds(actions) == ["StartReplica", "AwaitReady", "RouteReplica", "DrainReplica", "DrainReplica",
                               "AwaitDrained", "StopReplica", "StopReplica"]
     assert actions[0] == StartReplica("tp2-0", "tp2", 0.9)
@@ -107,15 +107,15 @@ def test_changing_degree_starts_new_variants_before_draining_old_ones():
 
 def test_diff_keeps_exact_matches_and_repurposes_same_degree_replicas():
     old = [replica("cpu-0", 0.9), replica("cpu-1", 0.5), replica("cpu-3", 0.9)]
-    actions = diff(old, {(1, 0.9): 2, (1, 0.7): 2}, VARIANTS, {"cpu-0", "cpu-1", "cpu-3"})
+    actions = diff(old, {(1, 0.9, None): 2, (1, 0.7, None): 2}, VARIANTS, {"cpu-0", "cpu-1", "cpu-3"})
     assert actions == [StartReplica("cpu-4", "cpu", 0.7), AwaitReady(("cpu-4",)), RouteReplica("cpu-4"),
-                       SetThreshold("cpu-1", 0.7)]
+                       SetPolicy("cpu-1", 0.7)]
 
 
 def test_replicas_of_the_main_application_are_kept_and_matched_first():
     pinned = replica("cpu-0", 0.9, is_removable=False)
     own = replica("cpu-1", 0.9)
-    assert diff([own, pinned], {(1, 0.9): 1}, VARIANTS, {"cpu-0", "cpu-1"}) == [
+    assert diff([own, pinned], {(1, 0.9, None): 1}, VARIANTS, {"cpu-0", "cpu-1"}) == [
         DrainReplica("cpu-1"), AwaitDrained(("cpu-1",)), StopReplica("cpu-1")]
     assert diff([pinned], {}, VARIANTS, {"cpu-0"}) == []
 

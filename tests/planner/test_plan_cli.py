@@ -29,7 +29,7 @@ def test_human_table(capsys):
     assert cli.main(["plan", "--gpus", "8", "--rate", "40", "--prompt-len", "256", "--output-len", "256"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("plan: overloaded: serves")
-    assert "ILLUSTRATIVE" in out and "degree  threshold  instances" in out and "SLO attainment" in out
+    assert "ILLUSTRATIVE" in out and "degree  threshold  sparse KV  instances" in out and "SLO attainment" in out
 
 
 def test_infeasible_exits_1_and_says_why(capsys):

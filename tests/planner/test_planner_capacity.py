@@ -14,10 +14,11 @@ from tests.planner.helpers import COSTS, make_profiles
 @pytest.mark.parametrize("slo_scale", [1.0, 1.5, 3.0, 10.0])
 @pytest.mark.parametrize("lengths", [(64, 32), (256, 256), (2000, 400)])
 def test_capacity_never_falls_as_the_threshold_falls(slo_scale, lengths):
-    profiles = load_profile_set()  # 8 thresholds, tokens per step rising as the threshold falls
+    profiles = load_profile_set()  # 8 thresholds (dense and sparse), tokens per step rising as the threshold falls
     table = capacity_table(profiles, Workload(1.0, *lengths), slo_scale)
-    for degree in {g.degree for g in table.groups}:
-        row = sorted((g for g in table.groups if g.degree == degree), key=lambda g: -g.threshold)
+    for degree, retention in {(g.degree, g.kv_retention) for g in table.groups}:
+        row = sorted((g for g in table.groups if (g.degree, g.kv_retention) == (degree, retention)),
+                     key=lambda g: -g.threshold)
         assert [g.tokens_per_step for g in row] == sorted(g.tokens_per_step for g in row)
         caps = [g.capacity_rps for g in row]
         assert caps == sorted(caps), f"degree {degree}: {caps}"

@@ -148,7 +148,7 @@ def test_plan_to_dict_round_trips_through_json():
     result = plan(load_profile_set(), Workload(10.0, 256, 256), 8, 3.0, 1.0)
     data = json.loads(json.dumps(result.to_dict()))
     assert data["status"] == "optimal" and data["plan"]["gpus_used"] == result.plan.gpus_used
-    groups = [(g["degree"], g["threshold"], g["count"]) for g in data["plan"]["groups"] if g["count"]]
+    groups = [(g["degree"], g["threshold"], g["kv_retention"], g["count"]) for g in data["plan"]["groups"] if g["count"]]
     assert groups == list(result.plan.instances)
     assert len(data["capacities"]) == len(capacity_table(load_profile_set(), Workload(10.0, 256, 256), 3.0).groups)
 

@@ -15,7 +15,9 @@ def test_defaults_load_and_say_they_are_illustrative():
     profiles = load_profile_set()
     assert profiles.is_illustrative
     assert [d.degree for d in profiles.latency.degrees] == [1, 2, 4, 8]
-    assert len(profiles.quality.settings()) == 8
+    settings = profiles.quality.settings()
+    assert len([e for e in settings if e.kv_retention is None]) == 8
+    assert {e.kv_retention for e in settings} == {None, 0.5} and len(settings) == 16
     assert profiles.quality.block_size == 32
 
 

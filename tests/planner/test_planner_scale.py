@@ -1,13 +1,13 @@
-"""The planner at cluster scale: 64 GPUs, 4 parallelism degrees, 8 thresholds."""
+"""The planner at cluster scale: 64 GPUs, 4 parallelism degrees, 8 thresholds, dense and sparse KV."""
 
 from __future__ import annotations
 
 from dilaserve.planner import PlanStatus, Workload, load_profile_set, plan
 
 
-def test_64_gpus_4_degrees_8_thresholds_solves_fast():
+def test_64_gpus_4_degrees_16_settings_solves_fast():
     profiles = load_profile_set()
-    assert len(profiles.latency.degrees) == 4 and len(profiles.quality.settings()) == 8
+    assert len(profiles.latency.degrees) == 4 and len(profiles.quality.settings()) == 16
     times = []
     for rate, slo_scale in ((100.0, 3.0), (300.0, 3.0), (40.0, 0.8)):  # fits, overloaded, tight SLO
         result = plan(profiles, Workload(rate, 256, 256), 64, slo_scale, 1.0)
