@@ -286,8 +286,9 @@ def _rotary_kernel(
             heads = (head0 + tl.arange(0, BLOCK_H))[None, :, None].to(tl.int64)
             full = tl.arange(0, 2 * BLOCK_HALF)[None, None, :]
             mask = token_ok & (heads < num_k_heads) & (full < 2 * HALF)
-            v = tl.load(v_ptr + tokens * stride_vn + heads * stride_vh + full, mask=mask)
-            tl.store(v_out_ptr + out_rows * stride_von + heads * stride_voh + full, v, mask=mask)
+            v = tl.load(v_ptr + tokens * stride_vn + heads * stride_vh + full, mask=mask).to(tl.float32)
+            tl.store(v_out_ptr + out_rows * stride_von + heads * stride_voh + full,
+                     _round(v, v_out_ptr.dtype.element_ty, INTERPRETED), mask=mask)
 
 
 def _as_rows(table: torch.Tensor, head_dim: int, name: str) -> torch.Tensor:
@@ -325,8 +326,9 @@ def _rotary_launch(q, k, cos, sin, positions, q_out, k_out, store=None):
                 or slots.shape != (num_tokens,)):
             raise ValueError(f"shape mismatch: k {tuple(k.shape)}, v {tuple(v.shape)}, pools {tuple(k_out.shape)} / "
                              f"{tuple(v_out.shape)}, slots {tuple(slots.shape)}")
-        if k_out.dtype != k.dtype or v_out.dtype != v.dtype:
-            raise ValueError(f"the pools' dtype must be k's and v's, got {k_out.dtype}, {v_out.dtype} for {k.dtype}")
+        if v.dtype != k.dtype or v_out.dtype != k_out.dtype or not k_out.dtype.is_floating_point:
+            raise ValueError(f"k and v must share a dtype, and so must the pools, got {k.dtype}, {v.dtype} and "
+                             f"{k_out.dtype}, {v_out.dtype}")
         _check_last_dim_contiguous(v=v, v_pool=v_out)
     if num_tokens == 0:
         return q_out, k_out
@@ -375,8 +377,10 @@ def rotary_store_kv(
 ) -> torch.Tensor:
     """``rotary`` fused with the KV-cache write (``paged_attention.write_kv_``): one launch
     rotates q into a new tensor, which it returns, and stores rotated k and v [N, KVH, Dh] in
-    the pools [slots, KVH, Dh] at ``slot_mapping`` [N] (int64; slots not bounds-checked, as there)."""
-    q_out = torch.empty_like(q)
+    the pools [slots, KVH, Dh] at ``slot_mapping`` [N] (int64; slots not bounds-checked, as there).
+    q, k, v may be wider than the pools (float32 products): the rotation is computed in float32
+    and rounded once, to the pools' dtype, which the returned q also has."""
+    q_out = torch.empty(q.shape, dtype=k_pool.dtype, device=q.device)
     _rotary_launch(q, k, cos, sin, positions, q_out, k_pool, store=(v, k_pool, v_pool, slot_mapping))
     return q_out
 
@@ -387,9 +391,9 @@ def rotary_store_kv_reference(
 ) -> torch.Tensor:
     """Pure-torch ``rotary_store_kv``."""
     q, k = rotary_reference(q, k, cos, sin, positions)
-    k_pool.index_copy_(0, slot_mapping, k)
-    v_pool.index_copy_(0, slot_mapping, v)
-    return q
+    k_pool.index_copy_(0, slot_mapping, k.to(k_pool.dtype))
+    v_pool.index_copy_(0, slot_mapping, v.to(v_pool.dtype))
+    return q.to(k_pool.dtype)
 
 
 def rotary_reference(

@@ -211,7 +211,8 @@ def _check_matrix(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name}: the last dimension must be contiguous (stride 1), got strides {t.stride()}")
 
 
-def _check_operands(a_name: str, a: torch.Tensor, w: torch.Tensor, residual, out) -> torch.dtype:
+def _check_operands(a_name: str, a: torch.Tensor, w: torch.Tensor, residual, out,
+                    want: torch.dtype | None = None) -> torch.dtype:
     """Validates a [M, K], w [N, K], residual / out [M, N]; returns the output dtype."""
     _check_matrix(a_name, a)
     _check_matrix("w", w)
@@ -225,7 +226,11 @@ def _check_operands(a_name: str, a: torch.Tensor, w: torch.Tensor, residual, out
         _check_matrix("residual", residual)
         if residual.dtype != torch.float32 or tuple(residual.shape) != shape:
             raise ValueError(f"residual must be a float32 {shape} tensor, got {residual.dtype} {tuple(residual.shape)}")
-    out_dtype = torch.float32 if residual is not None else a.dtype
+    if want is not None and want not in (a.dtype, torch.float32):
+        raise ValueError(f"out_dtype must be float32 or {a_name}'s dtype ({a.dtype}), got {want}")
+    if want is not None and residual is not None and want != torch.float32:
+        raise ValueError("with a residual the output is float32")
+    out_dtype = torch.float32 if residual is not None else (want or a.dtype)
     if out is not None:
         _check_matrix("out", out)
         if out.dtype != out_dtype or tuple(out.shape) != shape:
@@ -265,12 +270,14 @@ ConfigLike = SkinnyGemmConfig | dict | None
 
 
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, *, residual: torch.Tensor | None = None,
-                  out: torch.Tensor | None = None, config: ConfigLike = None) -> torch.Tensor:
+                  out: torch.Tensor | None = None, config: ConfigLike = None,
+                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``x @ w.T`` (x [M, K], w [N, K]; float32 accumulation) in x's dtype, or, with a float32
     ``residual`` [M, N], ``residual + x @ w.T`` in float32. ``out`` ([M, N], that dtype) may be
     ``residual`` for an in-place update. ``config``: a ``SkinnyGemmConfig``, or a dict of some of
-    its fields over ``default_config``. Rows of x and w may be strided; their last dimension not."""
-    out_dtype = _check_operands("x", x, w, residual, out)
+    its fields over ``default_config``. Rows of x and w may be strided; their last dimension not.
+    ``out_dtype=torch.float32`` without a residual: the product unrounded, in float32."""
+    out_dtype = _check_operands("x", x, w, residual, out, out_dtype)
     return _launch(x, None, w, residual, out, config, out_dtype)
 
 

@@ -9,8 +9,9 @@ tokens / keys of one request):
 - forward: the residual stream and one layer's temporaries, whichever of attention or MLP is
   larger: ``T * (b * (2d + max(3d + 2kv, 4f)) + 12d)`` (``12d``: the float32 copies RoPE makes);
   with the fused block kernels (the GPU fast path) RoPE makes no copies, the residual stream is
-  float32 and the MLP runs on at most ``C = mlp_chunk_tokens`` tokens at a time:
-  ``(4 + b) d T + b * max((3d + 2kv) T, 4f min(T, C))``;
+  float32, the q | k | v and gate | up products are float32 and the MLP runs on at most
+  ``C = mlp_chunk_tokens`` tokens at a time: ``(4 + b) d T + max((4 (d + 2kv) + 2bd) T,
+  (8 + 2b) f min(T, C))``;
 - attention on the torch reference path, which gathers each request's keys into a padded
   tensor and forms scores: ``R * (2 * L * H * D * b + Q * H * D * b + H * Q * L * 4)``; the
   Triton kernel reads the pages in place (0);
@@ -53,7 +54,7 @@ class StepMemoryModel:
         d, kv, f, b = self.hidden_size, self.num_kv_heads * self.head_dim, self.intermediate_size, self.dtype_bytes
         if self.fused_block:
             return ((4 + b) * d * tokens
-                    + b * max((3 * d + 2 * kv) * tokens, 4 * f * min(tokens, self.mlp_chunk_tokens)))
+                    + max((4 * (d + 2 * kv) + 2 * b * d) * tokens, (8 + 2 * b) * f * min(tokens, self.mlp_chunk_tokens)))
         return tokens * (b * (2 * d + max(3 * d + 2 * kv, 4 * f)) + 12 * d)
 
     def attention_bytes(self, num_requests: int, max_tokens: int, max_keys: int) -> int:

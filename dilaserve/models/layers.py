@@ -84,6 +84,9 @@ class BlockOps:
     # the o and down projections into the stream (the residual add then needs no launch).
     linear: Callable | None = None
     linear_add: Callable | None = None
+    # ``linear_wide(x, weight)``: the product in float32 (unrounded), for the packed q | k | v and
+    # gate | up projections; the rotary embedding / silu x up then round it once to x's dtype.
+    linear_wide: Callable | None = None
 
 
 def residual_stream(x: torch.Tensor, ops: BlockOps | None) -> torch.Tensor:
@@ -168,11 +171,14 @@ def _fused_block(x, layer_idx, attn_norm, q_proj, k_proj, v_proj, o_proj, mlp_no
     h, x = _norm_stream(x, attn_norm, ops, act)
     n = x.shape[0]
     qkv = packed(q_proj, k_proj, v_proj)
-    q, k, v = qkv(h, ops.linear) if qkv is not None else (q_proj(h), k_proj(h), v_proj(h))
+    stores = hasattr(attn, "rotate_and_store")  # rotary and the KV-cache write in one launch
+    # float32 q, k, v only where that launch rounds them into the cache's dtype
+    qkv_linear = ops.linear_wide if stores and ops.linear_wide is not None else ops.linear
+    q, k, v = qkv(h, qkv_linear) if qkv is not None else (q_proj(h), k_proj(h), v_proj(h))
     q, k, v = q.view(n, -1, head_dim), k.view(n, -1, head_dim), v.view(n, -1, head_dim)
     if q_norm is not None:
         q, k = q_norm(q), k_norm(k)
-    if hasattr(attn, "rotate_and_store"):  # rotary and the KV-cache write in one launch
+    if stores:
         a = attn.attend(layer_idx, attn.rotate_and_store(layer_idx, q, k, v, *rotary))
     else:
         q, k = ops.rotary(q, k, *rotary)
@@ -187,10 +193,15 @@ def _fused_block(x, layer_idx, attn_norm, q_proj, k_proj, v_proj, o_proj, mlp_no
     add_down = add_in_matmul and _plain(down_proj)
 
     def mlp(rows: torch.Tensor, stream: torch.Tensor) -> torch.Tensor | PendingResidual:
-        gate, up = gate_up(rows, ops.linear) if gate_up is not None else (gate_proj(rows), up_proj(rows))
+        if gate_up is not None and ops.linear_wide is not None:  # float32 gate, up; silu x up rounds once
+            gate, up = gate_up(rows, ops.linear_wide)
+            mid = ops.silu_mul(gate, up, out=torch.empty(gate.shape, dtype=act, device=gate.device))
+        else:
+            gate, up = gate_up(rows, ops.linear) if gate_up is not None else (gate_proj(rows), up_proj(rows))
+            mid = ops.silu_mul(gate, up)
         if add_down:
-            return ops.linear_add(ops.silu_mul(gate, up), down_proj.weight, stream)
-        return PendingResidual(stream, down_proj(ops.silu_mul(gate, up)))
+            return ops.linear_add(mid, down_proj.weight, stream)
+        return PendingResidual(stream, down_proj(mid))
 
     if n <= MLP_CHUNK_TOKENS:
         return mlp(h, x)  # x updated in place, or a pending residual the next norm adds

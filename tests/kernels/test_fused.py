@@ -177,6 +177,25 @@ def test_rotary_store_kv_writes_the_cache_slots_in_the_same_launch(num_tokens, h
         fused.rotary_store_kv(q, k, v, cos, sin, pools[0], pools[1][:, :1], slots)
 
 
+def test_rotary_store_kv_rounds_float32_products_once_into_bf16_pools(device):
+    """float32 q, k, v (unrounded projections): rotated in float32, rounded once, to the pools'
+    dtype, which the returned q has too."""
+    num_tokens, heads, kv_heads, head_dim = 5, 4, 2, 24
+    q, k, v = (randn(num_tokens, h, head_dim, device=device, seed=s) for s, h in ((0, heads), (1, kv_heads),
+                                                                              (2, kv_heads)))
+    slots = torch.tensor([7, 0, 3, 9, 4], device=device)
+    pools = [torch.zeros(10, kv_heads, head_dim, dtype=torch.bfloat16, device=device) for _ in range(2)]
+    ref_pools = [p.clone() for p in pools]
+    cos, sin = rotary_cos_sin(torch.arange(num_tokens, device=device) * 3, head_dim, THETA)
+    ref_q = fused.rotary_store_kv_reference(q, k, v, cos, sin, *ref_pools, slots)
+    rotated_q, rotated_k = fused.rotary_reference(q, k, cos, sin)
+    assert ref_q.dtype == torch.bfloat16 and torch.equal(ref_q, rotated_q.to(torch.bfloat16))
+    assert torch.equal(ref_pools[0][slots], rotated_k.to(torch.bfloat16))
+    out = fused.rotary_store_kv(q, k, v, cos, sin, *pools, slots)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref_q)
+    assert torch.equal(pools[0], ref_pools[0]) and torch.equal(pools[1], ref_pools[1])
+
+
 # --- SwiGLU -------------------------------------------------------------------------------------
 
 

@@ -179,3 +179,15 @@ def test_llada_shapes_match_cublas_and_are_deterministic(m):
     gate_up = randn(m, 2 * 12288, dtype=torch.bfloat16, device=device, seed=3)
     w = randn(4096, 12288, dtype=torch.bfloat16, device=device, seed=4)
     assert torch.equal(skinny_silu_mul_linear(gate_up, w), skinny_linear(silu_mul(gate_up), w))
+
+
+def test_float32_output_is_the_unrounded_product(device):
+    x = randn(5, 48, dtype=torch.bfloat16, device=device)
+    w = randn(40, 48, dtype=torch.bfloat16, device=device)
+    out = skinny_linear(x, w, out_dtype=torch.float32)
+    ref = x.float() @ w.float().T
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(skinny_linear(x, w, out_dtype=torch.bfloat16), skinny_linear(x, w))
+    with pytest.raises(ValueError, match="out_dtype"):
+        skinny_linear(x, w, out_dtype=torch.float16)

@@ -7,6 +7,11 @@ o and down projections), and it adds the o and down projections into the float32
 stream in its epilogue, unrounded: one rounding less per block than a bf16 product added later
 (``scripts/sweep_skinny_gemm.py``, docs/benchmarks/skinny_gemm_nvidia_h200_2026-12-04.md).
 Above ``SKINNY_MAX_ROWS`` rows (the sweep measured 32) cuBLAS serves.
+
+Products that feed an element-wise op (q | k | v, gate | up) come out in float32
+(``linear_wide``), so they are rounded to bf16 once, after the rotary embedding / silu x up,
+not twice: with the unrounded o / down adds this more than halves what bf16 matmul outputs
+add to the logits error (``scripts/bf16_error_budget.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +29,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if x.shape[0] <= SKINNY_MAX_ROWS:
         return skinny_linear(x, weight)
     return F.linear(x, weight)
+
+
+def linear_wide(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` in float32, unrounded where the kernel or torch allows (the q | k | v and
+    gate | up products: the rotary embedding and silu x up then round once, to x's dtype)."""
+    if x.shape[0] <= SKINNY_MAX_ROWS:
+        return skinny_linear(x, weight, out_dtype=torch.float32)
+    if x.dtype != torch.float32 and x.is_cuda and float32_products():
+        return torch.mm(x, weight.t(), out_dtype=torch.float32)
+    return F.linear(x, weight).float()
 
 
 def linear_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
