@@ -242,6 +242,7 @@ def load_label(load: dict) -> str:
 
 def markdown(result: dict) -> str:
     s = result["settings"]
+    sparse = "" if s.get("kv_retention") is None else f" with sparse KV (retention {s['kv_retention']:g})"
     lines = [
         f"# Load benchmark on {result['device']} ({result['date']})", "",
         f"Model: {result['model']} ({'random weights: tokens decided per step drawn from the acceptance profile' if result['random_weights'] else 'trained weights'}). "
@@ -250,7 +251,7 @@ def markdown(result: dict) -> str:
         f"{result['latency_holdout'].get('median_rel_error', float('nan')):.1%}, max {result['latency_holdout'].get('max_rel_error', float('nan')):.1%}).",
         "",
         f"Workload: prompt {s['prompt_len']}, {s['max_tokens']} generated, block {s['block']}, threshold {s['threshold']}, "
-        f"{result.get('cache', 'dual')} cache; {s['duration_s']} s per point (first {s['warmup_s']} s not counted in tokens/s); "
+        f"{result.get('cache', 'dual')} cache{sparse}; {s['duration_s']} s per point (first {s['warmup_s']} s not counted in tokens/s); "
         f"max batch tokens {s['max_batch_tokens']}. Refresh bound ('auto', slowdown {s['refresh_slowdown']}): "
         f"the larger of the slowdown term (at a reuse batch of 64 x block: "
         f"~{result.get('auto_refresh_tokens_at_64', '-')} tokens) and {REFRESH_CATCH_UP} x the batch's mean "
@@ -413,8 +414,9 @@ def main() -> None:
 
     def save() -> None:
         result["elapsed_s"] = time.perf_counter() - start
-        stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-        stem.with_suffix(".md").write_text(markdown(result))
+        # with_name, not with_suffix: a retention's "0.5" in the stem is no suffix to replace
+        stem.with_name(stem.name + ".json").write_text(json.dumps(result, indent=1))
+        stem.with_name(stem.name + ".md").write_text(markdown(result))
         plot_choices(result, stem.with_name(stem.name + "_chunks.png"))
 
     modes = [m for m in args.modes.split(",") if m and (MODES[m][1] is None or MODES[m][1] < args.block)]

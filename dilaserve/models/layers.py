@@ -87,6 +87,10 @@ class BlockOps:
     # ``linear_wide(x, weight)``: the product in float32 (unrounded), for the packed q | k | v and
     # gate | up projections; the rotary embedding / silu x up then round it once to x's dtype.
     linear_wide: Callable | None = None
+    # The steps (by rows) that use linear_add and linear_wide; larger ones round their products
+    # to bf16 and add them in the next norm (None: every step). Wider products cost large,
+    # compute-bound steps memory traffic.
+    unrounded_max_rows: int | None = None
 
 
 def residual_stream(x: torch.Tensor, ops: BlockOps | None) -> torch.Tensor:
@@ -172,8 +176,10 @@ def _fused_block(x, layer_idx, attn_norm, q_proj, k_proj, v_proj, o_proj, mlp_no
     n = x.shape[0]
     qkv = packed(q_proj, k_proj, v_proj)
     stores = hasattr(attn, "rotate_and_store")  # rotary and the KV-cache write in one launch
+    unrounded = ops.unrounded_max_rows is None or n <= ops.unrounded_max_rows
+    wide = ops.linear_wide if unrounded else None
     # float32 q, k, v only where that launch rounds them into the cache's dtype
-    qkv_linear = ops.linear_wide if stores and ops.linear_wide is not None else ops.linear
+    qkv_linear = wide if stores and wide is not None else ops.linear
     q, k, v = qkv(h, qkv_linear) if qkv is not None else (q_proj(h), k_proj(h), v_proj(h))
     q, k, v = q.view(n, -1, head_dim), k.view(n, -1, head_dim), v.view(n, -1, head_dim)
     if q_norm is not None:
@@ -183,7 +189,7 @@ def _fused_block(x, layer_idx, attn_norm, q_proj, k_proj, v_proj, o_proj, mlp_no
     else:
         q, k = ops.rotary(q, k, *rotary)
         a = attn(layer_idx, q, k, v)
-    add_in_matmul = ops.linear_add is not None and x.dtype == torch.float32
+    add_in_matmul = unrounded and ops.linear_add is not None and x.dtype == torch.float32
     if add_in_matmul and _plain(o_proj):  # x += o(a) in place, then the norm alone
         x = ops.linear_add(a.reshape(n, -1), o_proj.weight, x)
         h = ops.rms_norm(x, mlp_norm.weight, mlp_norm.eps, out_dtype=act)
@@ -193,8 +199,8 @@ def _fused_block(x, layer_idx, attn_norm, q_proj, k_proj, v_proj, o_proj, mlp_no
     add_down = add_in_matmul and _plain(down_proj)
 
     def mlp(rows: torch.Tensor, stream: torch.Tensor) -> torch.Tensor | PendingResidual:
-        if gate_up is not None and ops.linear_wide is not None:  # float32 gate, up; silu x up rounds once
-            gate, up = gate_up(rows, ops.linear_wide)
+        if gate_up is not None and wide is not None:  # float32 gate, up; silu x up rounds once
+            gate, up = gate_up(rows, wide)
             mid = ops.silu_mul(gate, up, out=torch.empty(gate.shape, dtype=act, device=gate.device))
         else:
             gate, up = gate_up(rows, ops.linear) if gate_up is not None else (gate_proj(rows), up_proj(rows))

@@ -69,7 +69,8 @@ def fast_block_ops():
     if torch.cuda.is_available():
         matmul.float32_products()  # probe now, not inside a CUDA-graph capture
     return BlockOps(fused.rms_norm, fused.add_rms_norm, fused.rotary, fused.silu_mul, residual_dtype=torch.float32,
-                    linear=matmul.linear, linear_add=matmul.linear_add, linear_wide=matmul.linear_wide)
+                    linear=matmul.linear, linear_add=matmul.linear_add, linear_wide=matmul.linear_wide,
+                    unrounded_max_rows=matmul.UNROUNDED_MAX_ROWS)
 
 
 def _interpreting() -> bool:
