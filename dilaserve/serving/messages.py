@@ -73,6 +73,7 @@ class Chunk:
     num_prompt_tokens: int = 0
     num_completion_tokens: int = 0
     threshold: float | None = None
+    kv_retention: float | None = None  # the sparse-KV retention the request runs with (None: dense)
     num_steps: int = 0
     num_tokens_decided: int = 0
     chunk_size: float | None = None  # mean masked positions queried per step

@@ -79,6 +79,7 @@ class ResponseProgress:
 
         return {
             "replica": self.replica, "threshold": last.threshold if last.threshold is not None else self.threshold,
+            "kv_retention": last.kv_retention,
             "deadline_ms": ms(self.deadline.budget_s), "deadline_source": self.deadline.source,
             "slo_met": self.is_slo_met, "ttft_ms": ms(self.ttft_s), "tpot_ms": ms(self.tpot_s),
             "e2e_ms": ms(self.e2e_s), "num_steps": last.num_steps, "num_tokens_decided": last.num_tokens_decided,

@@ -96,7 +96,8 @@ class ReplicaServer:
         except RuntimeError as exc:  # the engine loop has failed; Serve's health check replaces us
             yield Chunk(error=f"replica {self.name} cannot decode: {exc}", error_status=503)
             return
-        yield Chunk(is_accepted=True, threshold=params.threshold, num_prompt_tokens=len(request.prompt_ids))
+        yield Chunk(is_accepted=True, threshold=params.threshold, kv_retention=params.kv_retention,
+                    num_prompt_tokens=len(request.prompt_ids))
         detok = IncrementalDetokenizer(self.tokenizer, params.stop)
         is_done = False
         # A request that is not streamed to its client gets its text in the last chunk only:
@@ -140,6 +141,7 @@ class ReplicaServer:
             text=text, token_ids=[*held_ids, *out.new_token_ids], finished=True, finish_reason=reason,
             num_prompt_tokens=out.num_prompt_tokens, num_completion_tokens=len(out.token_ids),
             threshold=out.threshold if out.threshold is not None else params.threshold,
+            kv_retention=params.kv_retention,
             num_steps=out.counters.num_steps,
             num_tokens_decided=out.counters.num_tokens_decided,
             chunk_size=out.counters.mean_chunk_size,

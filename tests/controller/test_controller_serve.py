@@ -186,3 +186,28 @@ def test_serving_goes_on_when_the_controller_dies_and_a_new_one_resumes(controll
     light.assert_none_lost(32)
     history = ray.get(get_controller().status.remote())["history"]
     assert any(h["kind"] == "reconfigure" and "accuracy" in h["reason"] for h in history)
+
+
+def test_a_sparse_kv_policy_reaches_the_live_replica_and_its_requests(controlled):
+    """The controller's SetPolicy(kv_retention) on real Serve: the replica takes the retention
+    live, its requests that leave it unset run sparse (the response says so) and decode in full;
+    a request on another cache mode stays dense; setting None makes them dense again."""
+    stop_controller(timeout_s=60)  # nothing else changes the policy meanwhile
+    cluster = ServeCluster(controlled.config, MODEL)
+    threshold = replicas(controlled.url)["cpu-0"]["default_threshold"]
+
+    def complete(**fields) -> dict:
+        body = {"model": MODEL, "prompt": "12+7=", "max_tokens": 32, "best_effort": True, **fields}
+        r = httpx.post(f"{controlled.url}/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 32
+        return r.json()["dilaserve"]
+
+    assert complete()["kv_retention"] is None
+    cluster.set_policy("cpu-0", threshold, 0.5)
+    assert replicas(controlled.url)["cpu-0"]["default_kv_retention"] == 0.5
+    assert complete()["kv_retention"] == 0.5
+    assert complete(cache="prefix")["kv_retention"] is None  # sparse KV is for the dual cache only
+    cluster.set_policy("cpu-0", threshold, None)
+    assert replicas(controlled.url)["cpu-0"]["default_kv_retention"] is None
+    assert complete()["kv_retention"] is None
