@@ -23,13 +23,14 @@ from .reliability_helpers import (
 )
 
 RATE_RPS = 8.0
+MAX_TOKENS = 160  # long enough that several run on each replica when it dies
 DURATION_S = 14.0
 KILL_AT_S = 5.0
 
 
 def body(i: int) -> dict:
-    # Long enough (96 tokens) that several run on each replica when it dies; every third streamed.
-    return completion_body(i, max_tokens=96, best_effort=True, stream=i % 3 == 0)
+    # every third streamed
+    return completion_body(i, max_tokens=MAX_TOKENS, best_effort=True, stream=i % 3 == 0)
 
 
 def test_killing_a_replica_mid_trace_loses_no_request(idle):
@@ -59,7 +60,7 @@ def test_killing_a_replica_mid_trace_loses_no_request(idle):
         assert o.is_stream and o.num_stream_tokens > 0, o
         assert "replica" in o.message and "incomplete" in o.message, o.message
     complete = [o for o in outcomes if o.kind == "ok"]
-    assert all(o.num_tokens == 96 for o in complete)
+    assert all(o.num_tokens == MAX_TOKENS for o in complete)
     assert not any(o.is_stream for o in failed if o.num_stream_tokens == 0)
     print(f"streams cut after tokens: {len(failed)}; completed: {len(complete)}")
 
