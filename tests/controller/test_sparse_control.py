@@ -7,27 +7,19 @@ from dilaserve.controller.actions import SetPolicy, StartReplica
 from dilaserve.controller.controller import Controller
 from dilaserve.controller.decision import ControllerState, Planning, decide, diff, running_instances
 from dilaserve.controller.observation import LoadEstimate, nearest_setting
-from dilaserve.planner import ProfileSet
-from dilaserve.planner.profiles import latency_profile_from_dict, quality_profile_from_dict
+
+from tests.planner.test_planner_sparse import profiles as sparse_profiles
 
 from controller_helpers import VARIANTS, FakeClock, FakeCluster, make_config, replica, view
 
-# As tests/planner/test_planner_sparse.py: sparse at retention 0.5 pays at 4000-token prompts
-# (and not at 64), for 1 accuracy point.
-LATENCY = {"cache": "dual", "degrees": [
-    {"degree": 1, "fixed_s": 5e-3, "per_token_s": 2e-5, "per_context_s": 1e-6, "max_running": 64,
-     "kv_capacity_tokens": 10_000_000}]}
-QUALITY = {"block_size": 32, "entries": [
-    {"threshold": 0.9, "accuracy": 0.80, "tokens_per_step": 2.0},
-    {"threshold": 0.9, "kv_retention": 0.5, "accuracy": 0.79, "tokens_per_step": 1.9},
-    {"threshold": 0.7, "accuracy": 0.76, "tokens_per_step": 4.0},
-    {"threshold": 0.7, "kv_retention": 0.5, "accuracy": 0.75, "tokens_per_step": 3.8}]}
+# The planner tests' profiles: sparse at retention 0.5 pays at 4000-token prompts (and not at
+# 64), for 1 accuracy point.
 LONG, SHORT = ((4000, 64),) * 8, ((64, 64),) * 8
 NOW = 1000.0
 
 
 def sparse_planning(quality_budget: float = 2.0) -> Planning:
-    profiles = ProfileSet(latency_profile_from_dict(LATENCY), quality_profile_from_dict(QUALITY), "test")
+    profiles = sparse_profiles()
     return Planning(profiles, gpus=8, slo_scale=3.0, quality_budget=quality_budget)
 
 

@@ -56,17 +56,23 @@ def test_graph_replay_matches_eager():
 def test_engine_with_graphs_decodes_as_without(decoding):
     """The engine with reuse steps replayed from graphs gives the eager path's tokens (float32)."""
     pytest.importorskip("triton")
-    from dilaserve.engine.config import EngineConfig
-    from dilaserve.engine.engine import Engine
     from dilaserve.engine.random_model import TINY, build_model
     from dilaserve.engine.sampling_params import SamplingParams
-    from tests.engine.helpers import make_prompts, run_to_completion
+    from tests.engine.helpers import make_prompts
 
     torch.backends.cuda.matmul.allow_tf32 = False
     model = build_model(TINY, torch.device("cuda"), seed=1, dtype=torch.float32)
     prompts = make_prompts(5, seed=3, lo=3, hi=40)
     params = SamplingParams(max_tokens=32, block_size=16, cache="dual", **decoding)
-    requests = [(f"r{i}", p, params) for i, p in enumerate(prompts)]
+    assert_graphs_decode_as_eager(model, [(f"r{i}", p, params) for i, p in enumerate(prompts)])
+
+
+def assert_graphs_decode_as_eager(model, requests) -> None:
+    """The Triton engine with CUDA graphs (which it must replay) gives the eager engine's tokens."""
+    from dilaserve.engine.config import EngineConfig
+    from dilaserve.engine.engine import Engine
+    from tests.engine.helpers import run_to_completion
+
     outs = {}
     for graphs in (False, True):
         engine = Engine(model, EngineConfig(num_pages=256, page_size=8, kernels="triton", cuda_graphs=graphs))
@@ -80,23 +86,14 @@ def test_engine_with_graphs_decodes_as_without(decoding):
 def test_block_causal_engine_with_graphs_decodes_as_without(decoding):
     """SDAR-style block-causal steps (exact cache) replayed from graphs: the eager path's tokens."""
     pytest.importorskip("triton")
-    from dilaserve.engine.config import EngineConfig
-    from dilaserve.engine.engine import Engine
     from dilaserve.engine.random_model import SDAR_TINY, build_model
     from dilaserve.engine.sampling_params import SamplingParams
-    from tests.engine.helpers import make_prompts, run_to_completion
+    from tests.engine.helpers import make_prompts
 
     torch.backends.cuda.matmul.allow_tf32 = False
     model = build_model(SDAR_TINY, torch.device("cuda"), seed=1, dtype=torch.float32)
     block = model.spec.causal_block_size
     prompts = make_prompts(5, seed=4, lo=3, hi=40)
     params = SamplingParams(max_tokens=8 * block, block_size=block, cache="exact", **decoding)
-    requests = [(f"r{i}", p, params) for i, p in enumerate(prompts)]
-    outs = {}
-    for graphs in (False, True):
-        engine = Engine(model, EngineConfig(num_pages=256, page_size=8, kernels="triton", cuda_graphs=graphs))
-        outs[graphs] = {k: v[0] for k, v in run_to_completion(engine, requests).items()}
-        if graphs:
-            assert engine.runner.graphs.num_replays > 0
-    assert outs[True] == outs[False]
+    assert_graphs_decode_as_eager(model, [(f"r{i}", p, params) for i, p in enumerate(prompts)])
 
