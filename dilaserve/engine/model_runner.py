@@ -168,9 +168,14 @@ class ModelRunner:
     def _forward(self, plan: StepPlan) -> torch.Tensor:
         inputs, extra, jobs = self._build(plan)
         eager = any(_is_large(item) for item in plan.items)  # large steps: launches do not matter, no graphs
-        if self.tp is not None:
-            self.tp.send_step(inputs, extra, eager, jobs)
-        return self.forward_inputs(inputs, extra, eager, jobs)
+        if self.tp is None:
+            return self.forward_inputs(inputs, extra, eager, jobs)
+        self.tp.send_step(inputs, extra, eager, jobs)
+        try:
+            return self.forward_inputs(inputs, extra, eager, jobs)
+        except Exception as exc:  # a collective broke: say which rank died, if one did
+            self.tp.raise_if_died(exc)
+            raise
 
     def forward_inputs(self, inputs: StepInputs, extra: dict, eager: bool, jobs=()) -> torch.Tensor:
         """Hidden states of the packed tokens (``inputs`` on the CPU): from a CUDA graph when

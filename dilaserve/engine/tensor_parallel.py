@@ -24,6 +24,7 @@ import multiprocessing as mp
 import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -216,6 +217,20 @@ class TensorParallelGroup:
         for rank, proc in enumerate(self._procs, start=1):
             if not proc.is_alive():
                 raise WorkerDiedError(f"tensor-parallel rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}")
+
+    def raise_if_died(self, cause: BaseException, wait_s: float = 2.0) -> None:
+        """Called when a collective failed: if that is because a worker died (its exit may not
+        be visible yet when the peer's socket already reset), raises WorkerDiedError naming the
+        rank; returns after ``wait_s`` when every worker is still alive."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                self.check()
+            except WorkerDiedError as died:
+                raise died from cause
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.05)
 
     def worker_pids(self) -> list[int]:
         return [p.pid for p in self._procs]

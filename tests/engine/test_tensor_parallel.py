@@ -178,3 +178,22 @@ def test_a_dead_worker_fails_the_engine_instead_of_hanging(tmp_path):
     finally:
         engine.close()
     assert not torch.distributed.is_initialized()
+
+
+def test_a_step_racing_a_worker_death_names_the_dead_rank(tmp_path):
+    """The step is sent before the worker's exit is visible: the collective then fails with a
+    transport error, which the engine must still report as the death of rank 1."""
+    make_random_checkpoint(tmp_path, "llada", seed=5, **FAMILIES["llada"])
+    engine = build_engine(ModelSource(model_dir=str(tmp_path)),
+                          EngineConfig(num_pages=64, page_size=4, tensor_parallel=2))
+    try:
+        params = SamplingParams(max_tokens=32, block_size=8, steps=32)
+        engine.add(engine.make_request("a", [5, 6, 7], params))
+        engine.step()
+        os.kill(engine.tp.worker_pids()[0], signal.SIGKILL)
+        with pytest.raises(WorkerDiedError, match="rank 1"):
+            for _ in range(32):  # whichever step first notices, it names the rank
+                engine.step()
+    finally:
+        engine.close()
+    assert not torch.distributed.is_initialized()
