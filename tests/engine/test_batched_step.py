@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from dilaserve.generation.unmasking import FixedStepsUnmasker, ThresholdUnmasker, select_chosen_batch
@@ -86,3 +87,50 @@ def test_paged_attention_batch_rows_equal_each_request_alone():
                                    torch.ones(1, count, dtype=torch.bool), ks[r:r + 1, :n], kv[r:r + 1, :n])
             torch.testing.assert_close(batched[rows], alone(0, q[rows], k[rows], v[rows]), rtol=1e-6, atol=1e-6)
             start += count
+
+
+def _tail_positions(lengths: list[tuple[int, int]]) -> torch.Tensor:
+    q_max = max(q for q, _ in lengths)
+    return torch.tensor([list(range(n - q, n)) + [n - 1] * (q_max - q) for q, n in lengths])
+
+
+@pytest.mark.parametrize("causal_block_size", [0, 8])
+def test_a_phase_mixed_step_attends_in_groups_and_matches_each_request_alone(causal_block_size):
+    """Refreshes (every position queried) beside reuse steps of a few queries: attention runs
+    per group of similar query counts instead of padding every request to the longest, and
+    each request still gets the rows it gets alone."""
+    torch.manual_seed(1)
+    page_size, pages, heads, kv_heads, head_dim = 4, 16, 4, 2, 8
+    lengths = [(2, 30), (40, 40), (3, 41), (2, 25), (44, 44), (1, 50), (3, 33)]
+    cache = PagedKVCache(1, pages * len(lengths), page_size, kv_heads, head_dim, torch.float32, "cpu")
+    cache.k[0].normal_()
+    cache.v[0].normal_()
+    num_tokens = sum(q for q, _ in lengths)
+    q = torch.randn(num_tokens, heads, head_dim)
+    k = torch.randn(num_tokens, kv_heads, head_dim)
+    v = torch.randn(num_tokens, kv_heads, head_dim)
+    pool_k, pool_v = cache.k[0].clone(), cache.v[0].clone()
+    extra = dict(query_positions=_tail_positions(lengths), causal_block_size=causal_block_size) \
+        if causal_block_size else {}
+    attn = PagedAttention(cache, *_step_inputs(lengths, page_size, pages), **extra)
+    assert attn._groups is not None and len(attn._groups) >= 2
+    assert sorted(torch.cat([g.packed_rows for g in attn._groups]).tolist()) == list(range(num_tokens))
+    batched = attn(0, q, k, v)
+    start = 0
+    for r, (count, n) in enumerate(lengths):
+        cache.k[0].copy_(pool_k)
+        cache.v[0].copy_(pool_v)
+        slots, qi, qv, ks, kv = _step_inputs(lengths, page_size, pages)
+        rows = slice(start, start + count)
+        alone_extra = dict(query_positions=torch.arange(n - count, n).unsqueeze(0),
+                           causal_block_size=causal_block_size) if causal_block_size else {}
+        alone = PagedAttention(cache, slots[rows], torch.arange(count).unsqueeze(0),
+                               torch.ones(1, count, dtype=torch.bool), ks[r:r + 1, :n], kv[r:r + 1, :n], **alone_extra)
+        torch.testing.assert_close(batched[rows], alone(0, q[rows], k[rows], v[rows]), rtol=1e-6, atol=1e-6)
+        start += count
+
+
+def test_steps_that_pad_little_stay_one_batch():
+    lengths = [(5, 12), (4, 12), (5, 13)]
+    cache = PagedKVCache(1, 8 * len(lengths), 4, 2, 8, torch.float32, "cpu")
+    assert PagedAttention(cache, *_step_inputs(lengths, 4, 8))._groups is None
