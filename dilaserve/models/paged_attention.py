@@ -9,6 +9,7 @@ The GPU kernel in ``kernels/`` computes the same function without the gather.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -47,6 +48,9 @@ class PagedAttention:
     key_valid: torch.Tensor
     query_positions: torch.Tensor | None = None
     causal_block_size: int = 0
+    # Phase-mixed steps attend per group of similar query counts (see _split_by_query_count);
+    # off: one padded batch (kept for benchmarks that compare the two).
+    group_by_query_count: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         # What every layer of the step shares is worked out once: the key mask (dropped when it
@@ -62,7 +66,7 @@ class PagedAttention:
                           and torch.equal(self._flat_query_index,
                                           torch.arange(num_tokens, device=self.query_index.device)))
         self._valid_rows = None if self._is_dense else self.query_valid.reshape(-1).nonzero().squeeze(1)
-        self._groups = None if self._is_dense else self._split_by_query_count()
+        self._groups = None if self._is_dense or not self.group_by_query_count else self._split_by_query_count()
 
     def _key_mask(self, rows, num_keys: int, num_queries: int) -> torch.Tensor | None:
         """The visibility mask of requests ``rows`` over their first ``num_keys`` keys and
