@@ -1,0 +1,40 @@
+"""The CPU engine benchmarks run end to end at small sizes and write what they say they write."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(script: str, *args: str) -> None:
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("decoding", [[], ["--threshold", "0.9", "--chunk", "4"]])
+def test_bench_engine_cpu(tmp_path, decoding):
+    _run("bench_engine_cpu.py", "--requests", "4", "--max-tokens", "16", "--prompt-len", "8", "--block", "8",
+         "--repeats", "1", "--tag", "t", "--out", str(tmp_path), *decoding)
+    [path] = tmp_path.glob("engine_cpu_batching_*_t.json")
+    report = json.loads(path.read_text())
+    rows = {r["mode"]: r for r in report["rows"]}
+    assert ("reference generator, one by one" in rows) == (not decoding)  # no chunking in the reference
+    batched = rows["engine, batched (4 at once)"]
+    sequential = rows["engine, one by one"]
+    assert batched["steps"] < sequential["steps"] and report["speedup"] > 0
+    assert "Speed-up of batching" in path.with_suffix(".md").read_text()
+
+
+def test_bench_mixed_steps_cpu(tmp_path):
+    _run("bench_mixed_steps_cpu.py", "--requests", "6", "--max-tokens", "16", "--block", "8", "--chunk", "4",
+         "--min-prompt", "4", "--max-prompt", "40", "--repeats", "1", "--out", str(tmp_path))
+    [path] = tmp_path.glob("mixed_steps_tiny_cpu_*.json")
+    report = json.loads(path.read_text())
+    assert report["same_tokens"] is True
+    assert [r["mode"] for r in report["rows"]] == ["one padded batch", "grouped by query count"]
+    assert all(r["steps"] > 0 and r["seconds"] > 0 for r in report["rows"])
