@@ -31,8 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_unavailable(sub, name: str, package: str) -> None:
     """A subcommand whose optional dependency is missing: it says so when run; the others work."""
     def run(args: argparse.Namespace) -> int:
-        raise DiLaServeError(f"this command needs the Python package {package!r}, which is not installed "
-                             "(see the README's set-up)")
+        raise DiLaServeError(_missing(package))
 
     p = sub.choices.get(name)
     if p is None:
@@ -50,6 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     except DiLaServeError as exc:
         print(f"dilaserve {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as exc:  # an optional package the command imports when it runs
+        if not exc.name or exc.name.split(".")[0] == "dilaserve":
+            raise
+        print(f"dilaserve {args.command}: error: {_missing(exc.name)}", file=sys.stderr)
+        return 2
+
+
+def _missing(package: str) -> str:
+    return f"this command needs the Python package {package!r}, which is not installed (see the README's set-up)"
 
 
 if __name__ == "__main__":

@@ -25,3 +25,12 @@ def test_a_subcommand_whose_package_is_missing_says_so():
     result = run("from dilaserve.cli import main\nsys.exit(main(['demo']))")
     assert result.returncode == 2, result.stderr[-2000:]
     assert "needs the Python package 'httpx'" in result.stderr
+
+
+def test_serve_without_its_packages_says_which_is_missing():
+    """`serve` registers without its extras (its parser imports none); running it must still
+    end in a message naming the package, not a traceback."""
+    result = run("from dilaserve.cli import main\nsys.exit(main(['serve']))")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert "needs the Python package 'pydantic'" in result.stderr or "needs the Python package 'ray'" in result.stderr
