@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dilaserve.engine.sampling_params import SamplingParams
-from dilaserve.engine.sparse_kv import copy_kept, kept_positions
+from dilaserve.engine.sparse_kv import SelectionJob, batch_jobs, copy_kept, kept_positions
 from dilaserve.errors import InvalidRequestError
 from dilaserve.models.paged_attention import PagedKVCache
 from tests.engine.helpers import make_prompts, new_engine, run_to_completion
@@ -125,3 +125,56 @@ def test_cost_model_prices_the_keys_sparse_reuse_steps_read():
     # 2 refreshes read 600 keys, 14 reuse steps read 32 + 284
     assert half.context_tokens == 2 * 600 + 14 * (32 + 284)
     assert half.context_tokens < dense.context_tokens and half.pairs < dense.pairs
+
+
+def _random_jobs(gen, num_jobs, page_slots):
+    """Jobs of different lengths, windows, keeps and smoothing over consecutive packed rows."""
+    jobs, row, slot = [], 0, 0
+    for _ in range(num_jobs):
+        seq_len = int(torch.randint(6, 40, (1,), generator=gen))
+        start = int(torch.randint(0, seq_len - 2, (1,), generator=gen))
+        end = min(seq_len, start + int(torch.randint(1, 9, (1,), generator=gen)))
+        outside = seq_len - (end - start)
+        keep = int(torch.randint(0, outside + 1, (1,), generator=gen)) if outside else 0
+        # Windows no wider than what they smooth: wider ones average everything alike, an exact
+        # tie that either path may break its own way.
+        widths = [w for w in (1, 3, 5) if w <= max(outside, 1)]
+        smoothing = widths[int(torch.randint(0, len(widths), (1,), generator=gen))]
+        dst = torch.arange(page_slots + slot, page_slots + slot + keep + 2)  # a region may be larger than keep
+        jobs.append(SelectionJob(row, seq_len, start, end, keep, smoothing, dst))
+        row, slot = row + seq_len, slot + keep + 2
+    return jobs, row, slot
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_batched_selection_keeps_and_copies_what_each_job_alone_does(seed):
+    gen = torch.Generator().manual_seed(seed)
+    heads, kv_heads, head_dim = 4, 2, 8
+    jobs, num_rows, num_slots = _random_jobs(gen, 7, 64)
+    q = torch.randn(num_rows, heads, head_dim, generator=gen)
+    k = torch.randn(num_rows, kv_heads, head_dim, generator=gen)
+    v = torch.randn(num_rows, kv_heads, head_dim, generator=gen)
+    batched = PagedKVCache(1, (64 + num_slots) // 4 + 1, 4, kv_heads, head_dim, torch.float32, "cpu")
+    alone = PagedKVCache(1, (64 + num_slots) // 4 + 1, 4, kv_heads, head_dim, torch.float32, "cpu")
+    [selection] = batch_jobs(jobs, heads, torch.device("cpu"))
+    assert len(selection.jobs) == sum(j.keep > 0 for j in jobs) >= 2
+    got = selection.kept_positions(q, k)
+    selection.select_and_copy(batched, 0, q, k, v)
+    for i, job in enumerate(selection.jobs):
+        rows = slice(job.row_start, job.row_start + job.seq_len)
+        q_block = q[job.row_start + job.block_start: job.row_start + job.block_end]
+        want = kept_positions(q_block, k[rows], job.block_start, job.block_end, job.keep, job.smoothing)
+        assert torch.equal(got[i, :, :job.keep], want), (job, got[i], want)
+        copy_kept(alone, 0, k[rows], v[rows], want, job.dst_slots)
+    assert torch.equal(batched.k[0], alone.k[0]) and torch.equal(batched.v[0], alone.v[0])
+
+
+def test_selection_batches_stay_within_the_score_budget(monkeypatch):
+    from dilaserve.engine import sparse_kv
+
+    gen = torch.Generator().manual_seed(0)
+    jobs, _, _ = _random_jobs(gen, 12, 0)
+    monkeypatch.setattr(sparse_kv, "_SCORE_BYTES", 4 * 4 * 8 * 40 * 3)  # about three jobs' scores
+    batches = batch_jobs(jobs, 4, torch.device("cpu"))
+    assert len(batches) > 1
+    assert sorted(id(j) for b in batches for j in b.jobs) == sorted(id(j) for j in jobs if j.keep > 0)
