@@ -64,29 +64,43 @@ def _step_inputs(lengths: list[tuple[int, int]], page_size: int, pages_per_reque
             torch.tensor(key_slots), torch.tensor(key_valid))
 
 
+def _random_step(lengths, page_size: int, pages: int, heads: int = 4, kv_heads: int = 2, head_dim: int = 8):
+    """A cache of random keys and values, and random q, k, v for the step's packed tokens."""
+    cache = PagedKVCache(1, pages * len(lengths), page_size, kv_heads, head_dim, torch.float32, "cpu")
+    cache.k[0].normal_()
+    cache.v[0].normal_()
+    num_tokens = sum(q for q, _ in lengths)
+    return (cache, torch.randn(num_tokens, heads, head_dim), torch.randn(num_tokens, kv_heads, head_dim),
+            torch.randn(num_tokens, kv_heads, head_dim))
+
+
+def _assert_rows_equal_each_request_alone(batched, cache, pool, lengths, page_size, pages, q, k, v,
+                                          causal_block_size=0):
+    """Each request's rows of the batched output equal what it computes alone, on the cache as
+    it was before the step (``pool``: its keys and values)."""
+    slots, _, _, key_slots, key_valid = _step_inputs(lengths, page_size, pages)
+    start = 0
+    for r, (count, n) in enumerate(lengths):
+        cache.k[0].copy_(pool[0])
+        cache.v[0].copy_(pool[1])
+        rows = slice(start, start + count)
+        extra = dict(query_positions=torch.arange(n - count, n).unsqueeze(0),
+                     causal_block_size=causal_block_size) if causal_block_size else {}
+        alone = PagedAttention(cache, slots[rows], torch.arange(count).unsqueeze(0),
+                               torch.ones(1, count, dtype=torch.bool), key_slots[r:r + 1, :n], key_valid[r:r + 1, :n],
+                               **extra)
+        torch.testing.assert_close(batched[rows], alone(0, q[rows], k[rows], v[rows]), rtol=1e-6, atol=1e-6)
+        start += count
+
+
 def test_paged_attention_batch_rows_equal_each_request_alone():
     torch.manual_seed(0)
-    page_size, pages, heads, kv_heads, head_dim = 4, 8, 4, 2, 8
+    page_size, pages = 4, 8
     for lengths in ([(5, 12), (5, 12), (5, 12)], [(3, 12), (7, 9), (1, 20)], [(12, 12), (20, 20)]):
-        cache = PagedKVCache(1, pages * len(lengths), page_size, kv_heads, head_dim, torch.float32, "cpu")
-        cache.k[0].normal_()
-        cache.v[0].normal_()
-        num_tokens = sum(q for q, _ in lengths)
-        q = torch.randn(num_tokens, heads, head_dim)
-        k = torch.randn(num_tokens, kv_heads, head_dim)
-        v = torch.randn(num_tokens, kv_heads, head_dim)
-        pool_k, pool_v = cache.k[0].clone(), cache.v[0].clone()
+        cache, q, k, v = _random_step(lengths, page_size, pages)
+        pool = cache.k[0].clone(), cache.v[0].clone()
         batched = PagedAttention(cache, *_step_inputs(lengths, page_size, pages))(0, q, k, v)
-        start = 0
-        for r, (count, n) in enumerate(lengths):
-            cache.k[0].copy_(pool_k)
-            cache.v[0].copy_(pool_v)
-            slots, qi, qv, ks, kv = _step_inputs(lengths, page_size, pages)
-            rows = slice(start, start + count)
-            alone = PagedAttention(cache, slots[rows], torch.arange(count).unsqueeze(0),
-                                   torch.ones(1, count, dtype=torch.bool), ks[r:r + 1, :n], kv[r:r + 1, :n])
-            torch.testing.assert_close(batched[rows], alone(0, q[rows], k[rows], v[rows]), rtol=1e-6, atol=1e-6)
-            start += count
+        _assert_rows_equal_each_request_alone(batched, cache, pool, lengths, page_size, pages, q, k, v)
 
 
 def _tail_positions(lengths: list[tuple[int, int]]) -> torch.Tensor:
@@ -100,34 +114,18 @@ def test_a_phase_mixed_step_attends_in_groups_and_matches_each_request_alone(cau
     per group of similar query counts instead of padding every request to the longest, and
     each request still gets the rows it gets alone."""
     torch.manual_seed(1)
-    page_size, pages, heads, kv_heads, head_dim = 4, 16, 4, 2, 8
+    page_size, pages = 4, 16
     lengths = [(2, 30), (40, 40), (3, 41), (2, 25), (44, 44), (1, 50), (3, 33)]
-    cache = PagedKVCache(1, pages * len(lengths), page_size, kv_heads, head_dim, torch.float32, "cpu")
-    cache.k[0].normal_()
-    cache.v[0].normal_()
-    num_tokens = sum(q for q, _ in lengths)
-    q = torch.randn(num_tokens, heads, head_dim)
-    k = torch.randn(num_tokens, kv_heads, head_dim)
-    v = torch.randn(num_tokens, kv_heads, head_dim)
-    pool_k, pool_v = cache.k[0].clone(), cache.v[0].clone()
+    cache, q, k, v = _random_step(lengths, page_size, pages)
+    pool = cache.k[0].clone(), cache.v[0].clone()
     extra = dict(query_positions=_tail_positions(lengths), causal_block_size=causal_block_size) \
         if causal_block_size else {}
     attn = PagedAttention(cache, *_step_inputs(lengths, page_size, pages), **extra)
     assert attn._groups is not None and len(attn._groups) >= 2
-    assert sorted(torch.cat([g.packed_rows for g in attn._groups]).tolist()) == list(range(num_tokens))
+    assert sorted(torch.cat([g.packed_rows for g in attn._groups]).tolist()) == list(range(len(q)))
     batched = attn(0, q, k, v)
-    start = 0
-    for r, (count, n) in enumerate(lengths):
-        cache.k[0].copy_(pool_k)
-        cache.v[0].copy_(pool_v)
-        slots, qi, qv, ks, kv = _step_inputs(lengths, page_size, pages)
-        rows = slice(start, start + count)
-        alone_extra = dict(query_positions=torch.arange(n - count, n).unsqueeze(0),
-                           causal_block_size=causal_block_size) if causal_block_size else {}
-        alone = PagedAttention(cache, slots[rows], torch.arange(count).unsqueeze(0),
-                               torch.ones(1, count, dtype=torch.bool), ks[r:r + 1, :n], kv[r:r + 1, :n], **alone_extra)
-        torch.testing.assert_close(batched[rows], alone(0, q[rows], k[rows], v[rows]), rtol=1e-6, atol=1e-6)
-        start += count
+    _assert_rows_equal_each_request_alone(batched, cache, pool, lengths, page_size, pages, q, k, v,
+                                          causal_block_size)
 
 
 def test_steps_that_pad_little_stay_one_batch():

@@ -146,17 +146,14 @@ def _random_jobs(gen, num_jobs, page_slots):
     return jobs, row, slot
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_batched_selection_keeps_and_copies_what_each_job_alone_does(seed):
-    gen = torch.Generator().manual_seed(seed)
-    heads, kv_heads, head_dim = 4, 2, 8
-    jobs, num_rows, num_slots = _random_jobs(gen, 7, 64)
-    q = torch.randn(num_rows, heads, head_dim, generator=gen)
-    k = torch.randn(num_rows, kv_heads, head_dim, generator=gen)
-    v = torch.randn(num_rows, kv_heads, head_dim, generator=gen)
-    batched = PagedKVCache(1, (64 + num_slots) // 4 + 1, 4, kv_heads, head_dim, torch.float32, "cpu")
-    alone = PagedKVCache(1, (64 + num_slots) // 4 + 1, 4, kv_heads, head_dim, torch.float32, "cpu")
-    [selection] = batch_jobs(jobs, heads, torch.device("cpu"))
+def assert_batched_selection_equals_each_job(jobs, heads, q, k, v, num_slots):
+    """Keeps and copies of the batched selection (``batch_jobs`` on q's device) equal those of
+    each job's own ``kept_positions`` + ``copy_kept``, exactly."""
+    kv_heads, head_dim = k.shape[1], k.shape[2]
+    pages = (64 + num_slots) // 4 + 1
+    batched = PagedKVCache(1, pages, 4, kv_heads, head_dim, k.dtype, k.device)
+    alone = PagedKVCache(1, pages, 4, kv_heads, head_dim, k.dtype, k.device)
+    [selection] = batch_jobs(jobs, heads, q.device)
     assert len(selection.jobs) == sum(j.keep > 0 for j in jobs) >= 2
     got = selection.kept_positions(q, k)
     selection.select_and_copy(batched, 0, q, k, v)
@@ -167,6 +164,17 @@ def test_batched_selection_keeps_and_copies_what_each_job_alone_does(seed):
         assert torch.equal(got[i, :, :job.keep], want), (job, got[i], want)
         copy_kept(alone, 0, k[rows], v[rows], want, job.dst_slots)
     assert torch.equal(batched.k[0], alone.k[0]) and torch.equal(batched.v[0], alone.v[0])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_batched_selection_keeps_and_copies_what_each_job_alone_does(seed):
+    gen = torch.Generator().manual_seed(seed)
+    heads, kv_heads, head_dim = 4, 2, 8
+    jobs, num_rows, num_slots = _random_jobs(gen, 7, 64)
+    q = torch.randn(num_rows, heads, head_dim, generator=gen)
+    k = torch.randn(num_rows, kv_heads, head_dim, generator=gen)
+    v = torch.randn(num_rows, kv_heads, head_dim, generator=gen)
+    assert_batched_selection_equals_each_job(jobs, heads, q, k, v, num_slots)
 
 
 def test_selection_batches_stay_within_the_score_budget(monkeypatch):

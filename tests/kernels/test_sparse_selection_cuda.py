@@ -8,9 +8,9 @@ import dataclasses
 import pytest
 import torch
 
-from dilaserve.engine.sparse_kv import SparseSelectingAttention, batch_jobs, copy_kept, kept_positions
+from dilaserve.engine.sparse_kv import SparseSelectingAttention
 from dilaserve.models.paged_attention import PagedKVCache
-from tests.engine.test_sparse_kv import _random_jobs
+from tests.engine.test_sparse_kv import _random_jobs, assert_batched_selection_equals_each_job
 
 
 @pytest.mark.gpu
@@ -24,17 +24,7 @@ def test_batched_selection_on_cuda_equals_each_job_alone(seed):
     q = torch.randn(num_rows, heads, head_dim, generator=gen).to(device, torch.bfloat16)
     k = torch.randn(num_rows, kv_heads, head_dim, generator=gen).to(device, torch.bfloat16)
     v = torch.randn(num_rows, kv_heads, head_dim, generator=gen).to(device, torch.bfloat16)
-    pages = (64 + num_slots) // 4 + 1
-    batched = PagedKVCache(1, pages, 4, kv_heads, head_dim, torch.bfloat16, device)
-    alone = PagedKVCache(1, pages, 4, kv_heads, head_dim, torch.bfloat16, device)
-    out = SparseSelectingAttention(lambda layer, q_, k_, v_: q_, batched, jobs)(0, q, k, v)
-    assert out is q
-    [selection] = batch_jobs(jobs, heads, device)
-    got = selection.kept_positions(q, k)
-    for i, job in enumerate(selection.jobs):
-        rows = slice(job.row_start, job.row_start + job.seq_len)
-        q_block = q[job.row_start + job.block_start: job.row_start + job.block_end]
-        want = kept_positions(q_block, k[rows], job.block_start, job.block_end, job.keep, job.smoothing)
-        assert torch.equal(got[i, :, :job.keep], want), (job, got[i], want)
-        copy_kept(alone, 0, k[rows], v[rows], want, job.dst_slots)
-    assert torch.equal(batched.k[0], alone.k[0]) and torch.equal(batched.v[0], alone.v[0])
+    cache = PagedKVCache(1, (64 + num_slots) // 4 + 1, 4, kv_heads, head_dim, torch.bfloat16, device)
+    wrapper = SparseSelectingAttention(lambda layer, q_, k_, v_: q_, cache, jobs)
+    assert wrapper(0, q, k, v) is q and wrapper._batches  # on a GPU the engine's wrapper batches
+    assert_batched_selection_equals_each_job(jobs, heads, q, k, v, num_slots)
