@@ -38,3 +38,14 @@ def test_bench_mixed_steps_cpu(tmp_path):
     assert report["same_tokens"] is True
     assert [r["mode"] for r in report["rows"]] == ["one padded batch", "grouped by query count"]
     assert all(r["steps"] > 0 and r["seconds"] > 0 for r in report["rows"])
+
+
+def test_sim_refresh_bound(tmp_path):
+    _run("sim_refresh_bound.py", "--concurrency", "4", "--rates", "2", "--burst-cv", "2", "--duration-s", "30",
+         "--warmup-s", "5", "--seeds", "1", "--max-tokens", "64", "--out", str(tmp_path))
+    [path] = tmp_path.glob("sim_refresh_bound_quality_*.json")
+    report = json.loads(path.read_text())
+    assert [(r["load"], r["refresh_bound"]) for r in report["rows"]] == [
+        ("c=4", "fixed"), ("c=4", "auto"), ("2 req/s (CV 2)", "fixed"), ("2 req/s (CV 2)", "auto")]
+    for r in report["rows"]:
+        assert r["finished"] > 0 and r["tokens_per_s"] > 0 and r["p99_e2e_s"] >= r["p50_e2e_s"] > 0
