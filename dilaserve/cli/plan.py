@@ -41,7 +41,8 @@ def add_parser(sub) -> None:
     p.add_argument("--quality-profile", default=None, help="quality profile file (replaces the directory's)")
     p.add_argument("--lengths", default=None,
                    help="request lengths: a trace CSV (Azure, BurstGPT) or JSON samples / summary (docs/planner.md)")
-    p.add_argument("--length-statistic", default="mean", help="which length to plan for: mean or pNN, e.g. p90")
+    p.add_argument("--length-statistic", default="mean",
+                   help="which length to plan for: mean, work (the mean work of the samples) or pNN, e.g. p90")
     p.add_argument("--prompt-len", type=_number(int, 0), default=None, help="prompt tokens (default 256)")
     p.add_argument("--output-len", type=_number(int, 1), default=None, help="generated tokens (default 256)")
     p.add_argument("--utilization", type=_number(float, 0, inclusive=False), default=0.9,

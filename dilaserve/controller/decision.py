@@ -17,7 +17,10 @@
 4. **Hysteresis**: compare with what the *running* replicas achieve at the same load
    (``planner.evaluate``) through ``planner.replan_reason``; and keep ``min_interval_s``
    between reconfigurations, except for one that serves ``min_gain`` more of the traffic
-   (scaling up is never held back; flapping is stopped on the way down).
+   (scaling up is never held back; flapping is stopped on the way down). A plan on fewer GPUs
+   also waits until the load estimate spans a whole window (the first seconds of traffic are
+   too few to give capacity back on), and is held while the running replicas miss the SLO
+   target.
 5. **Diff** the running replicas against the plan's instances, each a (degree, threshold,
    sparse-KV retention): keep exact matches, push a new threshold and retention to a replica
    of the right degree (no restart), start what is missing, and remove the rest; in the order
@@ -343,6 +346,20 @@ def decide(now_s: float, cluster: ClusterView, load: LoadEstimate, state: Contro
                         **decision)
     now_served = now_result.plan.served_share if now_result else 0.0
     serves_more = candidate.plan.served_share - now_served >= config.min_gain
+    # Capacity is given back only on evidence: a whole window of load (a rate measured over the
+    # first seconds of traffic, or after a restart, is too noisy), and not while the running
+    # replicas miss the SLO target (the model that says fewer GPUs suffice is then wrong).
+    # Scaling up never waits.
+    if candidate.plan.gpus_used < running_gpus and not serves_more:
+        why = None
+        if load.span_s < config.window_s:
+            why = f"the load is measured over {load.span_s:.0f} s only (< window {config.window_s:g} s)"
+        elif load.attainment is not None and load.attainment < config.attainment_target:
+            why = (f"the running replicas meet the SLO for {100 * load.attainment:.1f}% "
+                   f"(< {100 * config.attainment_target:.0f}%)")
+        if why is not None:
+            return Decision("hold", f"{trigger}: would reconfigure ({reason}) onto {candidate.plan.gpus_used} of "
+                            f"{running_gpus} GPUs, but {why}", **{**decision, "has_planned": False})
     # Serving more traffic is never held back; the interval guards the way down (and swaps).
     if (not serves_more and state.last_reconfig_s is not None
             and now_s - state.last_reconfig_s < config.min_interval_s):

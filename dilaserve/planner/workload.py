@@ -2,7 +2,13 @@
 
 The planner prices one request shape: the prompt and output lengths of a chosen statistic
 (``mean``, or a percentile such as ``p90`` for a conservative plan) of the observed lengths,
-each taken on its own. Lengths come from samples (a controller's recent requests, a trace
+each taken on its own, or ``work``: the mean output and the prompt that makes one request's
+work the samples' mean work. A cached dLLM request's work is about its output (blocks, steps)
+times its sequence (each block's refresh reads the whole of it), so with heavy-tailed,
+correlated lengths (long prompts with long answers, as in production traces) the mean of the
+products is well above the product of the means, and a plan on mean lengths under-provisions:
+``work`` uses ``prompt = sum(o * (p + o)) / sum(o) - mean(o)``, the context an average
+generated token sees. Lengths come from samples (a controller's recent requests, a trace
 CSV, a JSON list) or from a summary that already holds the statistic:
 
     [[374, 44], [396, 109], ...]                               # (prompt, output) samples
@@ -22,7 +28,7 @@ from typing import Any, Iterable
 
 from dilaserve.errors import DiLaServeError
 
-_STATISTIC_RE = re.compile(r"^(mean|p(100|\d{1,2}(?:\.\d+)?))$")
+_STATISTIC_RE = re.compile(r"^(mean|work|p(100|\d{1,2}(?:\.\d+)?))$")
 
 
 class WorkloadError(DiLaServeError):
@@ -45,17 +51,31 @@ class Workload:
         pairs = [(int(p), int(o)) for p, o in samples]
         if not pairs:
             raise WorkloadError("no length samples")
-        prompt = _statistic([p for p, _ in pairs], statistic)
-        output = _statistic([o for _, o in pairs], statistic)
+        if statistic == "work":
+            prompt, output = _work_lengths(pairs)
+        else:
+            prompt = _statistic([p for p, _ in pairs], statistic)
+            output = _statistic([o for _, o in pairs], statistic)
         return cls(rate_rps, prompt, max(1, output), statistic)
 
 
 def _check_statistic(statistic: str) -> float | None:
-    """The quantile in [0, 1] a statistic names (None for the mean)."""
+    """The quantile in [0, 1] a statistic names (None for the mean and for work)."""
     match = _STATISTIC_RE.match(statistic)
     if match is None:
-        raise WorkloadError(f"length statistic must be 'mean' or 'pNN' (e.g. p90), got {statistic!r}")
+        raise WorkloadError(f"length statistic must be 'mean', 'work' or 'pNN' (e.g. p90), got {statistic!r}")
     return None if match.group(2) is None else float(match.group(2)) / 100
+
+
+def _work_lengths(pairs: list[tuple[int, int]]) -> tuple[int, int]:
+    """(prompt, output) of the same mean work as the samples: the mean output, and the prompt
+    for which output x (prompt + output) is the samples' mean of it."""
+    total_output = sum(o for _, o in pairs)
+    output = total_output / len(pairs)
+    if total_output == 0:
+        return round(sum(p for p, _ in pairs) / len(pairs)), 0
+    context = sum(o * (p + o) for p, o in pairs) / total_output  # the sequence a generated token sees
+    return max(0, round(context - output)), round(output)
 
 
 def _statistic(values: list[int], statistic: str) -> int:

@@ -90,7 +90,7 @@ def test_drain_timeout_leaves_the_replica_draining_and_a_later_tick_removes_it()
     cluster = FakeCluster(FakeClock(), requests_finish_per_poll=0)
     cluster.add("cpu-0")
     cluster.add("cpu-1", num_in_flight=2)
-    controller = make_controller(cluster, drain_timeout_s=3)
+    controller = make_controller(cluster, drain_timeout_s=3, window_s=1.0)  # a whole window of load within 5 s
     run(controller, cluster, 0.1, 5)
     assert cluster.replicas["cpu-1"].is_draining and "cpu-1" in cluster.replicas  # not stopped
     assert cluster.calls == [("drain", "cpu-1")]

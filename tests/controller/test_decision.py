@@ -219,3 +219,26 @@ def test_capacity_factor_recovers_slowly_while_the_slo_is_met_and_has_a_floor():
     d = decide(NOW, view(replica("cpu-0"), replica("cpu-1")), missing(0.3, 0.1), state,
                make_config(min_capacity_factor=0.25), make_planning(), VARIANTS)
     assert d.capacity_factor == pytest.approx(0.25)
+
+
+def test_a_shrink_waits_for_a_whole_window_of_load_but_scaling_up_does_not():
+    two = view(replica("cpu-0"), replica("cpu-1"))
+    short = LoadEstimate(0.2, 1.0, LENGTHS, 3.0)  # the first 3 s of traffic
+    d = decide(NOW, two, short, ControllerState(), make_config(window_s=10), make_planning(), VARIANTS)
+    assert d.kind == "hold" and "measured over 3 s" in d.reason and not d.actions
+    assert not d.has_planned  # asked again next tick
+    full = LoadEstimate(0.2, 1.0, LENGTHS, 10.0)
+    d = decide(NOW, two, full, ControllerState(), make_config(window_s=10), make_planning(), VARIANTS)
+    assert d.kind == "reconfigure" and DrainReplica("cpu-1") in d.actions
+    busy = LoadEstimate(3.0, 1.0, LENGTHS, 3.0)
+    d = decide(NOW, view(replica("cpu-0")), busy, ControllerState(), make_config(window_s=10), make_planning(),
+               VARIANTS)
+    assert d.kind == "reconfigure" and "StartReplica" in kinds(d.actions)
+
+
+def test_a_shrink_is_held_while_the_running_replicas_miss_the_slo():
+    two = view(replica("cpu-0"), replica("cpu-1"))
+    missing_some = LoadEstimate(0.2, 0.8, LENGTHS, 10.0, 40)
+    d = decide(NOW, two, missing_some, planned(at=NOW - 100, rate=2.0), make_config(attainment_target=0.9),
+               make_planning(), VARIANTS)
+    assert d.kind == "hold" and "meet the SLO for 80.0%" in d.reason and not d.actions

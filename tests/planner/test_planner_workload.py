@@ -43,5 +43,15 @@ def test_bad_lengths_files(tmp_path, content, words):
 
 
 def test_bad_statistic():
-    with pytest.raises(WorkloadError, match="'mean' or 'pNN'"):
+    with pytest.raises(WorkloadError, match="'mean', 'work' or 'pNN'"):
         Workload.from_samples(1.0, [(1, 1)], "median")
+
+
+def test_work_lengths_keep_the_mean_work_of_correlated_samples():
+    # Work ~ output x (prompt + output): 10 x 110 + 100 x 1100 = 111100 over 110 generated tokens,
+    # so a generated token sees 1010 positions on average; with the mean output (55) the prompt is 955.
+    w = Workload.from_samples(2.0, [(100, 10), (1000, 100)], "work")
+    assert (w.prompt_tokens, w.output_tokens, w.length_statistic) == (955, 55, "work")
+    assert Workload.from_samples(2.0, [(100, 10), (1000, 100)]).prompt_tokens == 550  # mean: far less work
+    assert (w.output_tokens * (w.prompt_tokens + w.output_tokens)) == pytest.approx(111100 / 2, rel=0.01)
+    assert Workload.from_samples(1.0, [(40, 0), (60, 0)], "work").prompt_tokens == 50  # nothing generated
