@@ -46,6 +46,9 @@ class ControllerConfig:
     min_interval_s: float = 60.0  # between two reconfigurations (unless the new one serves more)
     headroom: float = 0.2  # a smaller cluster is planned for rate x (1 + headroom)
     min_replicas: int = 1  # warm replicas kept even without traffic
+    # A dedicated cluster: a plan on fewer than ``gpus`` GPUs is topped up with replicas of its
+    # most accurate setting at its smallest degree, so spare GPUs add headroom instead of idling
+    keep_gpus: bool = False
     # Applying a plan
     start_timeout_s: float = 900.0  # a new replica not ready by then is removed, the old plan stays
     drain_timeout_s: float = 120.0  # one tick's wait for in-flight requests (then it waits again)
@@ -75,6 +78,7 @@ class ControllerSection(BaseModel):
     min_interval_s: float = Field(60.0, ge=0)
     headroom: float = Field(0.2, ge=0)
     min_replicas: int = Field(1, ge=0)
+    keep_gpus: bool = False
     start_timeout_s: float = Field(900.0, gt=0)
     drain_timeout_s: float = Field(120.0, gt=0)
 

@@ -20,7 +20,8 @@
    (scaling up is never held back; flapping is stopped on the way down). A plan on fewer GPUs
    also waits until the load estimate spans a whole window (the first seconds of traffic are
    too few to give capacity back on), and is held while the running replicas miss the SLO
-   target.
+   target. With ``keep_gpus`` (a dedicated cluster) a plan on fewer GPUs than the budget is
+   topped up with replicas of its most accurate setting first (``topped_up``).
 5. **Diff** the running replicas against the plan's instances, each a (degree, threshold,
    sparse-KV retention): keep exact matches, push a new threshold and retention to a replica
    of the right degree (no restart), start what is missing, and remove the rest; in the order
@@ -278,6 +279,21 @@ def with_floor(instances: Sequence[tuple[int, float, float | None, int]], servin
     return dict(target)
 
 
+def topped_up(instances: Sequence[tuple[int, float, float | None, int]],
+              gpus: int) -> tuple[tuple[int, float, float | None, int], ...]:
+    """``instances`` plus replicas of their most accurate setting (highest threshold, as
+    planned: dense or sparse) at their smallest degree, while they fit in ``gpus``."""
+    counts = Counter({(d, t, r): n for d, t, r, n in instances if n > 0})
+    if not counts:
+        return tuple(instances)
+    degree = min(d for d, _, _ in counts)
+    threshold, retention = max(((t, r) for d, t, r in counts if d == degree), key=lambda s: (s[0], s[1] is None))
+    spare = gpus - sum(d * n for (d, _, _), n in counts.items())
+    if spare >= degree:
+        counts[(degree, threshold, retention)] += spare // degree
+    return tuple((*k, counts[k]) for k in sorted(counts, key=_order))
+
+
 def running_instances(serving: Sequence[ReplicaView],
                       planning: Planning) -> tuple[tuple[int, float, float | None, int], ...]:
     """``(degree, threshold, kv_retention, count)`` of the serving replicas, each snapped to
@@ -335,6 +351,10 @@ def decide(now_s: float, cluster: ClusterView, load: LoadEstimate, state: Contro
         padded = scaled.plan(workload.with_rate(workload.rate_rps * (1 + config.headroom)))
         if padded.plan is not None:
             candidate = padded
+    if config.keep_gpus and candidate.plan.gpus_used < config.gpus:
+        kept = scaled.evaluate(topped_up(candidate.plan.instances, config.gpus), workload)
+        if kept.plan is not None:
+            candidate = kept
     if now_result is not None and now_result.plan is None:
         return Decision("hold", f"{trigger}: cannot evaluate the running replicas ({now_result.message})",
                         **decision)

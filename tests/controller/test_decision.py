@@ -242,3 +242,24 @@ def test_a_shrink_is_held_while_the_running_replicas_miss_the_slo():
     d = decide(NOW, two, missing_some, planned(at=NOW - 100, rate=2.0), make_config(attainment_target=0.9),
                make_planning(), VARIANTS)
     assert d.kind == "hold" and "meet the SLO for 80.0%" in d.reason and not d.actions
+
+
+def test_topped_up_fills_the_budget_with_the_plans_most_accurate_setting_at_its_smallest_degree():
+    from dilaserve.controller.decision import topped_up
+
+    assert topped_up(((1, 0.7, None, 1), (1, 0.9, None, 1)), 4) == ((1, 0.9, None, 3), (1, 0.7, None, 1))
+    assert topped_up(((2, 0.9, None, 1),), 5) == ((2, 0.9, None, 2),)  # one GPU left over: no degree-2 fits
+    assert topped_up(((1, 0.9, None, 2),), 2) == ((1, 0.9, None, 2),)  # already full
+    assert topped_up((), 4) == ()
+
+
+def test_a_dedicated_cluster_keeps_its_gpus_at_low_load():
+    two = view(replica("cpu-0"), replica("cpu-1"))
+    light = LoadEstimate(0.2, 1.0, LENGTHS, 10.0)
+    elastic = decide(NOW, two, light, planned(at=NOW - 100, rate=2.0), make_config(), make_planning(), VARIANTS)
+    assert DrainReplica("cpu-1") in elastic.actions  # an elastic cluster gives one back
+    dedicated = decide(NOW, two, light, planned(at=NOW - 100, rate=2.0), make_config(keep_gpus=True),
+                       make_planning(), VARIANTS)
+    # The plan (one replica at 0.9) topped up to both GPUs is what runs: nothing to do.
+    assert dedicated.kind == "hold" and not dedicated.actions, dedicated.reason
+    assert "good enough" in dedicated.reason and "2x(p=1, t=0.9)" in dedicated.reason
