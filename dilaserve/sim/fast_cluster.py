@@ -219,6 +219,11 @@ class FastCluster:
             boundary, boundary_s = rep.s0, now_s
         else:
             boundary = rep.s0 + math.ceil((now_s - rep.t0) * rep.rate - EPS)
+            if rep.running[0][0] < boundary - EPS:
+                # A running request finishes (at a fractional step) before that boundary: its
+                # departure comes first and admits from the waiting queue then. Joining here
+                # would move the step origin past its finish and date its departure before now.
+                return False
             boundary_s = rep.t0 + (boundary - rep.s0) / rep.rate
         if boundary != rep.join_boundary:
             rep.join_boundary, rep.join_refresh, rep.joined = boundary, 0.0, []

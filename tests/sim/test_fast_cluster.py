@@ -67,3 +67,28 @@ def test_each_replica_predicts_its_own_load_with_its_own_cost():
     assert estimates.finish_s[1] == pytest.approx(batch_work_s(StepCost(), [predicted(*LENGTHS[0], "dual"), new]))
     assert estimates.finish_s[2] == pytest.approx(work_s(slow, new))
     assert estimates.median_solo_s == pytest.approx(work_s(StepCost(), new))
+
+
+def test_an_arrival_never_dates_a_running_requests_departure_before_its_own_start():
+    """A running request finishes at a fractional step (k + f); a newcomer arriving after step k
+    must not join at step k + 1, past that finish: that once moved the step origin beyond it and
+    dated its departure before the newcomer's arrival."""
+    cost = StepCost(3e-3, 3e-5, 2e-7)
+    for output in range(8, 200):
+        trace = Trace((TraceRequest(0.0, 40, output), TraceRequest(0.0, 300, 64)))
+        cluster = ClusterConfig.homogeneous(1, cost, EngineConfig(num_pages=1024), defaults=RequestDefaults(cache="dual"))
+        sim = FastCluster(cluster, SimPolicies(), Workload.from_trace(trace), lambda r: None)
+        assert sim.submit(0.0, 0, 0, deadline_s=10.0) is None
+        rep = sim._replicas[0]
+        finish_step, rate = rep.running[0][0], rep.rate
+        if 0.05 < finish_step % 1 < 0.95:
+            break
+    else:
+        pytest.fail("no output length gives a finish at a fractional step")
+    scheduled = finish_step / rate
+    arrival = (finish_step // 1 + (finish_step % 1) / 2) / rate  # after step k ends, before the finish
+    sim.advance(arrival)
+    assert sim.submit(arrival, 0, 1, deadline_s=10.0) is None
+    sim.advance(100.0)
+    assert sim.finish_s[0] == pytest.approx(scheduled)  # it leaves when it was due, not earlier
+    assert sim.finish_s[1] > arrival and sim.first_token_s[1] > arrival
