@@ -48,6 +48,10 @@ class StepReplica(EngineCore):
         self.name = name
         self.group = group
         self.default_threshold = group.default_threshold  # set_threshold changes it, as set_policy does
+        # A served replica seeds its tokens-per-step estimates from its model's quality profile
+        # (``async_engine``); the simulated one from the acceptance model, which plays that role.
+        for threshold, tokens_per_step in acceptance.profile:
+            self.tokens_per_step_estimate.seed(threshold, tokens_per_step)
         self._step: tuple[StepPlan, StepOutput] | None = None
 
     def clock(self) -> float:
