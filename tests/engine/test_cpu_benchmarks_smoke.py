@@ -49,3 +49,22 @@ def test_sim_refresh_bound(tmp_path):
         ("c=4", "fixed"), ("c=4", "auto"), ("2 req/s (CV 2)", "fixed"), ("2 req/s (CV 2)", "auto")]
     for r in report["rows"]:
         assert r["finished"] > 0 and r["tokens_per_s"] > 0 and r["p99_e2e_s"] >= r["p50_e2e_s"] > 0
+
+
+def test_bench_sim_cluster(tmp_path):
+    """Issue 13's simulated evaluation end to end, on a small synthetic trace in the Azure format."""
+    from dilaserve.replay.loaders import write_azure_csv
+    from dilaserve.replay.trace import Trace, TraceRequest
+
+    trace = Trace(tuple(TraceRequest(0.25 * i, 200 + 37 * (i % 9), 20 + 11 * (i % 7)) for i in range(240)))
+    csv_path = write_azure_csv(trace, tmp_path / "trace.csv")
+    _run("bench_sim_cluster.py", "--trace", str(csv_path), "--gpus", "2", "--rate-scales", "1", "--phase-s", "20",
+         "--fidelity", "fast", "--out", str(tmp_path))
+    [path] = tmp_path.glob("sim_cluster_*.json")
+    [point] = json.loads(path.read_text())["points"]
+    assert point["gpus"] == 2 and point["requests"] > 0
+    assert set(point["systems"]) == {"static-rr", "policies", "dilaserve"}
+    for system in point["systems"].values():
+        for phase in ("before", "after"):
+            assert 0.0 <= system["phases"][phase]["attainment"] <= 1.0
+    assert "| 2 | 1 |" in path.with_suffix(".md").read_text()
