@@ -33,7 +33,7 @@ class ControllerConfig:
     period_s: float = 30.0  # re-plan at least this often
     rate_change: float = 0.25  # ... or sooner when the rate moves by this share since the last plan
     attainment_target: float = 0.9  # ... or when the window's SLO attainment falls below this
-    length_statistic: str = "mean"  # of recent (prompt, output) lengths: mean, work or pNN (planner/workload.py)
+    length_statistic: str = "p90"  # of recent (prompt, output) lengths: mean, work or pNN (planner/workload.py)
     # Closing the loop on the model: when the running replicas miss the SLO the profiles say
     # they meet, plan with capacities scaled down (see decision.corrected_capacity)
     utilization: float = 0.9  # the planner's share of an instance's SLO capacity to load it to
@@ -68,7 +68,7 @@ class ControllerSection(BaseModel):
     period_s: float = Field(30.0, gt=0)
     rate_change: float = Field(0.25, gt=0)
     attainment_target: float = Field(0.9, ge=0, le=1)
-    length_statistic: str = Field("mean", pattern=r"^(mean|work|p(100|\d{1,2}(\.\d+)?))$")
+    length_statistic: str = Field("p90", pattern=r"^(mean|work|p(100|\d{1,2}(\.\d+)?))$")
     utilization: float = Field(0.9, gt=0, le=1)
     min_capacity_factor: float = Field(0.25, gt=0, le=1)
     min_window_requests: int = Field(20, ge=1)
