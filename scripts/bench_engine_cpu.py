@@ -142,7 +142,7 @@ def main() -> None:
         "", f"Speed-up of batching: **{result['speedup']:.1f}x** requests/s over the engine one by one "
         f"(worst to best pairing of runs: {result['speedup_range'][0]:.1f}x - {result['speedup_range'][1]:.1f}x)"
         + (f", {result['speedup_vs_reference']:.1f}x over the reference generator one by one."
-           if result["speedup_vs_reference"] else "."),
+           if result["speedup_vs_reference"] is not None else "."),
     ]
     table = "\n".join(lines)
     print(table)

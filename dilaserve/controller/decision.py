@@ -283,7 +283,10 @@ def topped_up(instances: Sequence[tuple[int, float, float | None, int]],
               gpus: int) -> tuple[tuple[int, float, float | None, int], ...]:
     """``instances`` plus replicas of their most accurate setting (highest threshold, as
     planned: dense or sparse) at their smallest degree, while they fit in ``gpus``."""
-    counts = Counter({(d, t, r): n for d, t, r, n in instances if n > 0})
+    counts: Counter = Counter()
+    for d, t, r, n in instances:
+        if n > 0:
+            counts[(d, t, r)] += n
     if not counts:
         return tuple(instances)
     degree = min(d for d, _, _ in counts)

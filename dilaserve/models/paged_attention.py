@@ -88,14 +88,12 @@ class PagedAttention:
         needed = sum(q * k for q, k in zip(query_counts, key_counts))
         if len(query_counts) * max_queries * max_keys <= _PADDING_SLACK * needed + _GROUP_COST:
             return None
-        bounds = _partition(query_counts, key_counts)
-        if len(bounds) == 1:
+        runs = _partition(query_counts, key_counts)
+        if len(runs) == 1:
             return None
         device = self.query_index.device
-        order = sorted(range(len(query_counts)), key=lambda r: -query_counts[r])
         groups = []
-        for lo, hi in bounds:
-            members = order[lo:hi]
+        for members in runs:
             num_queries = query_counts[members[0]]
             num_keys = max(key_counts[r] for r in members)
             rows = torch.tensor(members, device=device)
@@ -154,11 +152,11 @@ def _attend(q, k_pool, v_pool, query_index, num_requests: int, num_queries: int,
     return out.reshape(num_requests * num_queries, *out.shape[2:])
 
 
-def _partition(query_counts: list[int], key_counts: list[int]) -> list[tuple[int, int]]:
+def _partition(query_counts: list[int], key_counts: list[int]) -> list[list[int]]:
     """Splits the requests, sorted by query count (largest first), into runs that minimise the
     padded score entries (queries x keys per request, padded to each run's largest) plus
-    ``_GROUP_COST`` a run; runs only break between different query counts. Returns the runs
-    as [lo, hi) over that order."""
+    ``_GROUP_COST`` a run; runs only break between different query counts. Returns each run's
+    requests (indices), the run with the most queries per request first."""
     order = sorted(range(len(query_counts)), key=lambda r: -query_counts[r])
     qs = [query_counts[r] for r in order]
     ks = [key_counts[r] for r in order]
@@ -177,6 +175,6 @@ def _partition(query_counts: list[int], key_counts: list[int]) -> list[tuple[int
                 best[j], prev[j] = cost, i
     runs, j = [], len(cuts) - 1
     while j > 0:
-        runs.append((cuts[prev[j]], cuts[j]))
+        runs.append(order[cuts[prev[j]]:cuts[j]])
         j = prev[j]
     return runs[::-1]
