@@ -45,7 +45,6 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import bench_sim_controller as bsc  # noqa: E402
 from dilaserve.planner import load_profile_set  # noqa: E402
 from dilaserve.replay.loaders import load_trace  # noqa: E402
-from dilaserve.replay.metrics import compute_metrics  # noqa: E402
 from dilaserve.replay.trace import Trace, TraceRequest  # noqa: E402
 
 LATENCY = ROOT / "docs/benchmarks/tensor_parallel_h200x2_2026-11-22/latency_llada-8b-random_nvidia_h200.json"
@@ -70,8 +69,8 @@ def step_trace(trace: Trace, scale: float, phase_s: float) -> Trace:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpus", default="4,8")
-    p.add_argument("--rate-scales", default="2,4,6", help="x the trace's own rate (before the step)")
-    p.add_argument("--phase-s", type=float, default=180.0)
+    p.add_argument("--rate-scales", default="1,1.5,2", help="x the trace's own rate (before the step)")
+    p.add_argument("--phase-s", type=float, default=120.0)
     p.add_argument("--slo-scale", type=float, default=4.0)
     p.add_argument("--trace", default=str(TRACE))
     p.add_argument("--length-statistic", default="p90", help="the controller's (planner/workload.py)")
@@ -88,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     profiles = load_profile_set(latency=LATENCY, quality=QUALITY).without_sparse()
     controller = dict(tick_s=2.0, window_s=20.0, period_s=20.0, min_interval_s=60.0, headroom=0.2,
                       length_statistic=args.length_statistic, keep_gpus=not args.elastic)
-    points, lines = [], []
+    points = []
     date = datetime.date.today().isoformat()
     runs = [(g, s) for g in (int(x) for x in args.gpus.split(",")) for s in (float(x) for x in args.rate_scales.split(","))]
     for gpus, scale in tqdm(runs, desc="points", unit="point"):
@@ -104,16 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                  "systems": {}}
         for system in ("static-rr", "policies", "dilaserve"):
             run = bsc.run_system(system, sc, trace_here, args.fidelity, args.seed)
-            records = run["records"]
-            phases = {}
-            for label, lo, hi in (("before", 0.0, args.phase_s), ("after", args.phase_s, 2 * args.phase_s)):
-                part = [r for r in records if lo <= r.arrival_s < hi]
-                m = compute_metrics(part, duration_s=hi - lo)
-                answered = [r.threshold_used for r in part if r.threshold_used is not None and r.status.value == "ok"]
-                phases[label] = {
-                    "attainment": m.slo_attainment, "goodput_rps": m.goodput_rps, "refused": m.refused_share,
-                    "p99_e2e_s": m.e2e_s.p99 if m.e2e_s else None,
-                    "accuracy": sum(bsc.accuracy_at(profiles, t) for t in answered) / len(answered) if answered else None}
+            summary = bsc.summarize(run["records"], sc, run["membership"], gpus)["phases"]
+            phases = {"before": summary["before the step"], "after": summary["after the step"]}
             plans = [f"t={h['time_s']:.0f}s {h['kind']}: " + "; ".join(str(a) for a in h["actions"][:4])
                      for h in run["ticks"]]
             point["systems"][system] = {"phases": phases, "reconfigurations": run["num_reconfigurations"],

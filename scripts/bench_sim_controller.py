@@ -194,6 +194,7 @@ def summarize(records, sc: Scenario, membership: list[dict], initial_gpus: int) 
             "requests": m.num_requests, "offered_rps": m.num_requests / (hi - lo), "attainment": m.slo_attainment,
             "refused": m.refused_share, "errors": m.num_errors + m.num_timeouts,
             "p50_e2e_s": m.e2e_s.p50 if m.e2e_s else None, "p90_e2e_s": m.e2e_s.p90 if m.e2e_s else None,
+            "p99_e2e_s": m.e2e_s.p99 if m.e2e_s else None, "goodput_rps": m.goodput_rps,
             "accuracy": (sum(accuracy_at(sc.profiles, t) for t in answered) / len(answered)) if answered else None,
             "mean_threshold": m.mean_threshold}
     t = 0.0
