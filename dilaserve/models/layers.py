@@ -87,6 +87,12 @@ class BlockOps:
     # ``linear_wide(x, weight)``: the product in float32 (unrounded), for the packed q | k | v and
     # gate | up projections; the rotary embedding / silu x up then round it once to x's dtype.
     linear_wide: Callable | None = None
+    # Whether q | k | v use linear_wide (else linear: bf16 products, as every other step's).
+    wide_qkv: bool = True
+    # ``linear_swiglu(x, gate_up_weight)``: silu x up of the packed gate | up products in x's
+    # dtype, the products unrounded, in one kernel; None where it leaves a step to linear_wide
+    # and silu_mul.
+    linear_swiglu: Callable | None = None
     # The steps (by rows) that use linear_add and linear_wide; larger ones round their products
     # to bf16 and add them in the next norm (None: every step). Wider products cost large,
     # compute-bound steps memory traffic.
@@ -179,7 +185,7 @@ def _fused_block(x, layer_idx, attn_norm, q_proj, k_proj, v_proj, o_proj, mlp_no
     unrounded = ops.unrounded_max_rows is None or n <= ops.unrounded_max_rows
     wide = ops.linear_wide if unrounded else None
     # float32 q, k, v only where that launch rounds them into the cache's dtype
-    qkv_linear = wide if stores and wide is not None else ops.linear
+    qkv_linear = wide if stores and wide is not None and ops.wide_qkv else ops.linear
     q, k, v = qkv(h, qkv_linear) if qkv is not None else (q_proj(h), k_proj(h), v_proj(h))
     q, k, v = q.view(n, -1, head_dim), k.view(n, -1, head_dim), v.view(n, -1, head_dim)
     if q_norm is not None:
@@ -199,7 +205,11 @@ def _fused_block(x, layer_idx, attn_norm, q_proj, k_proj, v_proj, o_proj, mlp_no
     add_down = add_in_matmul and _plain(down_proj)
 
     def mlp(rows: torch.Tensor, stream: torch.Tensor) -> torch.Tensor | PendingResidual:
-        if gate_up is not None and wide is not None:  # float32 gate, up; silu x up rounds once
+        fused_mlp = gate_up is not None and gate_up.bias is None and wide is not None and ops.linear_swiglu
+        mid = ops.linear_swiglu(rows, gate_up.weight) if fused_mlp else None  # None: not for this step
+        if mid is not None:
+            pass
+        elif gate_up is not None and wide is not None:  # float32 gate, up; silu x up rounds once
             gate, up = gate_up(rows, wide)
             mid = ops.silu_mul(gate, up, out=torch.empty(gate.shape, dtype=act, device=gate.device))
         else:

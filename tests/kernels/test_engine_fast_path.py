@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ triton = pytest.importorskip("triton")
 from dilaserve.engine.gpu import FastPath, fast_block_ops, select_fast_path  # noqa: E402
 from dilaserve.engine.gpu.attention import TritonPagedAttention  # noqa: E402
 from dilaserve.engine.gpu.logits import greedy_choices  # noqa: E402
+from dilaserve.models.packing import pack_projections  # noqa: E402
 from kernels import fused  # noqa: E402
 from kernels.interpreter import interpreting  # noqa: E402
 
@@ -46,6 +48,32 @@ def test_triton_path_matches_torch_path(llada, device, decoding):
     torch_path = run_to_completion(_engine(model, fast=False), requests)
     triton_path = run_to_completion(_engine(model, fast=True), requests)
     assert {k: v[0] for k, v in triton_path.items()} == {k: v[0] for k, v in torch_path.items()}
+
+
+@pytest.mark.parametrize("variant", ["bf16-qkv", "swiglu", "all"])
+def test_large_step_variants_decode_the_same_tokens(llada, device, variant, monkeypatch):
+    """Each way of running steps above 32 rows (matmul.VARIANTS) decodes as the torch path; the
+    steps here (refreshes of 3 requests, ~80 rows) take those paths."""
+    from dilaserve.engine.gpu import matmul
+
+    monkeypatch.setattr(matmul, "OPTIONS", matmul.VARIANTS[variant])
+    model = copy.deepcopy(llada).to(device)
+    pack_projections(model)  # as the runner does on a GPU (the torch path runs the members)
+    prompts = make_prompts(3, seed=9, lo=12, hi=20)
+    params = SamplingParams(max_tokens=16, block_size=8, cache="dual", steps=4)
+    requests = [(f"r{i}", p, params) for i, p in enumerate(prompts)]
+    torch_path = run_to_completion(_engine(model, fast=False), requests)
+    engine = _engine(model, fast=True)
+    if matmul.OPTIONS.swiglu_kernel:
+        calls = []
+        real = engine.runner.block_ops.linear_swiglu
+        engine.runner.block_ops = dataclasses.replace(
+            engine.runner.block_ops, linear_swiglu=lambda x, w: calls.append(x.shape[0]) or real(x, w))
+        engine.runner.fast_path = dataclasses.replace(engine.runner.fast_path, block_ops=engine.runner.block_ops)
+    triton_path = run_to_completion(engine, requests)
+    assert {k: v[0] for k, v in triton_path.items()} == {k: v[0] for k, v in torch_path.items()}
+    if matmul.OPTIONS.swiglu_kernel:
+        assert any(rows > matmul.SKINNY_MAX_ROWS for rows in calls)  # the kernel ran on the large steps
 
 
 def test_block_causal_model_on_the_triton_path(sdar, device):

@@ -62,15 +62,20 @@ def select_fast_path(device: torch.device, kernels: str = "auto") -> FastPath | 
 def fast_block_ops():
     """The fast path's ``BlockOps``: fused element-wise kernels, the float32 residual stream,
     skinny-GEMM matmuls for small steps (``matmul.py``)."""
+    import functools
+
     from dilaserve.engine.gpu import matmul
     from dilaserve.models.layers import BlockOps
     from kernels import fused
 
     if torch.cuda.is_available():
         matmul.float32_products()  # probe now, not inside a CUDA-graph capture
+    opts = matmul.OPTIONS
     return BlockOps(fused.rms_norm, fused.add_rms_norm, fused.rotary, fused.silu_mul, residual_dtype=torch.float32,
-                    linear=matmul.linear, linear_add=matmul.linear_add, linear_wide=matmul.linear_wide,
-                    unrounded_max_rows=matmul.UNROUNDED_MAX_ROWS)
+                    linear=matmul.linear, linear_wide=matmul.linear_wide,
+                    linear_add=functools.partial(matmul.linear_add, add_in_gemm=opts.add_in_gemm),
+                    linear_swiglu=matmul.linear_swiglu if opts.swiglu_kernel else None,
+                    wide_qkv=opts.float32_qkv, unrounded_max_rows=matmul.UNROUNDED_MAX_ROWS)
 
 
 def _interpreting() -> bool:

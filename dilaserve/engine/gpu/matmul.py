@@ -16,9 +16,12 @@ add to the logits error (``scripts/bf16_error_budget.py``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+from kernels.interpreter import interpreting
 from kernels.skinny_gemm import skinny_linear
 
 SKINNY_MAX_ROWS = 32
@@ -28,6 +31,31 @@ SKINNY_MAX_ROWS = 32
 # steps of <= 32 rows, 1.09e-2 and 7.7e-3, with the saturated 8192-token forward ~4% faster
 # (its float32 products and adds cost memory traffic). Correct first: all steps.
 UNROUNDED_MAX_ROWS: int | None = None
+
+
+@dataclass(frozen=True)
+class LargeStepOptions:
+    """How the fast path runs its products above ``SKINNY_MAX_ROWS`` rows (where cuBLAS serves);
+    read when ``fast_block_ops`` builds the block ops. ``scripts/profile_engine_steps.py
+    --variants`` and ``scripts/check_gpu_numerics.py --variant`` compare them on a GPU."""
+
+    float32_qkv: bool = True  # q | k | v products in float32, rounded once by the rotary launch
+    # gate | up and silu x up in one kernel (kernels/swiglu_gemm.py), else a float32-output
+    # cuBLAS matmul and fused.silu_mul
+    swiglu_kernel: bool = False
+    # o / down added into the float32 stream by cuBLAS itself (addmm, beta = 1), else a
+    # float32-output matmul and an add
+    add_in_gemm: bool = False
+
+
+OPTIONS = LargeStepOptions()
+VARIANTS = {
+    "default": LargeStepOptions(),
+    "bf16-qkv": LargeStepOptions(float32_qkv=False),
+    "swiglu": LargeStepOptions(swiglu_kernel=True),
+    "addmm": LargeStepOptions(add_in_gemm=True),
+    "all": LargeStepOptions(float32_qkv=False, swiglu_kernel=True, add_in_gemm=True),
+}
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -47,15 +75,30 @@ def linear_wide(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight).float()
 
 
-def linear_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+def linear_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, add_in_gemm: bool = False
+               ) -> torch.Tensor:
     """``residual += x @ weight.T`` in place, returning residual (the float32 stream), the
     product added unrounded: in the Triton kernel's epilogue, or from cuBLAS with a float32
-    output where torch offers one (``torch.mm(..., out_dtype=)``), else rounded to x's dtype."""
+    output where torch offers one (``torch.mm(..., out_dtype=)``; with ``add_in_gemm``,
+    cuBLAS accumulates into the stream itself), else rounded to x's dtype."""
     if x.shape[0] <= SKINNY_MAX_ROWS and residual.dtype == torch.float32:
         return skinny_linear(x, weight, residual=residual, out=residual)
     if residual.dtype == torch.float32 and x.dtype != torch.float32 and x.is_cuda and float32_products():
+        if add_in_gemm:
+            return torch.ops.aten.addmm.dtype_out(residual, x, weight.t(), torch.float32, out=residual)
         return residual.add_(torch.mm(x, weight.t(), out_dtype=torch.float32))
     return residual.add_(F.linear(x, weight))
+
+
+def linear_swiglu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """``silu(x @ gate.T) * (x @ up.T)`` in x's dtype from the packed gate | up ``weight``, the
+    products unrounded, in one kernel; None for the steps it leaves to the skinny GEMM + silu_mul
+    (at most ``SKINNY_MAX_ROWS`` rows, or no CUDA device outside Triton's interpreter)."""
+    if x.shape[0] <= SKINNY_MAX_ROWS or not (x.is_cuda or interpreting()):
+        return None
+    from kernels.swiglu_gemm import swiglu_linear
+
+    return swiglu_linear(x, weight)
 
 
 _FLOAT32_PRODUCTS: bool | None = None

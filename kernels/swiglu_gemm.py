@@ -1,0 +1,146 @@
+"""SwiGLU GEMM: ``silu(x @ w_gate.T) * (x @ w_up.T)`` in one kernel, for large steps.
+
+A refresh-heavy step multiplies thousands of rows by the packed gate | up weight ([2I, K]).
+Done as a cuBLAS matmul with a float32 output (the products unrounded, ``dilaserve/engine/gpu/
+matmul.py``) followed by ``fused.silu_mul``, it writes a [M, 2I] float32 tensor and reads it back:
+at 5,888 rows and I = 12,288 that is 0.58 GB each way per layer. Here each program keeps the
+gate and the up tile of the same columns in two float32 accumulators and writes only
+``silu(gate) * up``, rounded once to x's dtype, as ``fused.silu_mul`` rounds its float32 inputs
+(silu in float32 with CUDA's expf and an IEEE division, the product rounded to the output dtype).
+
+- ``swiglu_linear(x, w_gate_up)``: x [M, K], w_gate_up [2I, K] (gate rows first, as
+  ``dilaserve.models.packing`` packs them) -> [M, I] in x's dtype.
+- ``swiglu_linear_reference``: the same in torch (float32 products, then the same rounding).
+
+Kernel: one program per (BLOCK_M rows, BLOCK_N columns of the output); the program ids walk
+GROUP_M row tiles per column tile first, so neighbouring programs share weight tiles in L2.
+Each K step loads one x tile and two weight tiles (gate rows n.., up rows I + n..) and issues two
+dots. Rows past M and columns past I are masked; K is masked only when BLOCK_K does not divide it.
+
+Precision: bf16 / fp16 operands on tensor cores with float32 accumulation; under the
+interpreter the dots run in float32 (``kernels.interpreter``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from kernels.fused import _round
+from kernels.interpreter import interpreting
+
+_LAUNCH = {"enable_fp_fusion": False}  # silu x up rounds as fused.silu_mul does
+
+
+@dataclass(frozen=True)
+class SwigluGemmConfig:
+    block_m: int = 128
+    block_n: int = 128  # output columns per program (it reads 2 x block_n weight rows)
+    block_k: int = 64
+    group_m: int = 8
+    num_stages: int = 3
+    num_warps: int = 8
+
+    def __post_init__(self) -> None:
+        for name, low, high in (("block_m", 16, 256), ("block_n", 16, 256), ("block_k", 16, 256)):
+            value = getattr(self, name)
+            if value < low or value > high or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two in [{low}, {high}], got {value}")
+        if self.group_m < 1 or self.num_stages < 1 or self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"bad group_m / num_stages / num_warps in {self}")
+
+
+DEFAULT_CONFIG = SwigluGemmConfig()
+
+
+@triton.jit
+def _swiglu_gemm_kernel(x_ptr, w_ptr, out_ptr, M, I, K, stride_xm, stride_wn, stride_om,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, INTERPRETED: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(I, BLOCK_N)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
+    pid_n = (pid % (GROUP_M * num_n)) // group_size
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    # Rows past M / columns past I re-read the last valid one (the store drops them), so only
+    # K needs a load mask, and none when BLOCK_K divides K.
+    x_rows = tl.minimum(rows, M - 1).to(tl.int64)
+    w_cols = tl.minimum(cols, I - 1).to(tl.int64)
+    x_ptrs = x_ptr + x_rows[:, None] * stride_xm + ks[None, :]
+    g_ptrs = w_ptr + w_cols[:, None] * stride_wn + ks[None, :]
+    u_ptrs = w_ptr + (w_cols + I)[:, None] * stride_wn + ks[None, :]
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(x_ptrs)
+            g = tl.load(g_ptrs)
+            u = tl.load(u_ptrs)
+        else:
+            k_ok = (k0 + ks) < K
+            a = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+            g = tl.load(g_ptrs, mask=k_ok[None, :], other=0.0)
+            u = tl.load(u_ptrs, mask=k_ok[None, :], other=0.0)
+        if INTERPRETED:  # the interpreter's bf16 dots are wrong: multiply in float32 there
+            a, g, u = a.to(tl.float32), g.to(tl.float32), u.to(tl.float32)
+        acc_g = tl.dot(a, tl.trans(g), acc_g)
+        acc_u = tl.dot(a, tl.trans(u), acc_u)
+        x_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K
+        u_ptrs += BLOCK_K
+    if INTERPRETED:  # no libdevice in the interpreter
+        e = tl.exp(-acc_g)
+    else:
+        e = libdevice.exp(-acc_g)  # CUDA's expf, as fused.silu_mul
+    silu = tl.math.div_rn(acc_g, 1.0 + e)
+    out = _round(silu * acc_u, out_ptr.dtype.element_ty, INTERPRETED)
+    mask = (rows < M)[:, None] & (cols < I)[None, :]
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], out, mask=mask)
+
+
+def swiglu_linear(x: torch.Tensor, w_gate_up: torch.Tensor, *, out: torch.Tensor | None = None,
+                  config: SwigluGemmConfig | None = None) -> torch.Tensor:
+    """``silu(x @ w_gate.T) * (x @ w_up.T)`` for x [M, K] and w_gate_up [2I, K] (gate rows
+    first); returns [M, I] in x's dtype (or writes ``out``)."""
+    if x.dim() != 2 or w_gate_up.dim() != 2 or x.shape[1] != w_gate_up.shape[1] or w_gate_up.shape[0] % 2:
+        raise ValueError(f"need x [M, K] and w_gate_up [2I, K], got {tuple(x.shape)} and {tuple(w_gate_up.shape)}")
+    if x.dtype != w_gate_up.dtype or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"x and w_gate_up must share a float dtype, got {x.dtype} and {w_gate_up.dtype}")
+    if x.stride(1) != 1 or w_gate_up.stride(1) != 1:
+        raise ValueError("x and w_gate_up need contiguous rows")
+    cfg = config or DEFAULT_CONFIG
+    (m, k), inter = x.shape, w_gate_up.shape[0] // 2
+    if out is None:
+        out = torch.empty(m, inter, dtype=x.dtype, device=x.device)
+    elif out.shape != (m, inter) or out.stride(1) != 1:
+        raise ValueError(f"out must be [{m}, {inter}] with contiguous rows, got {tuple(out.shape)}")
+    if m == 0 or inter == 0:
+        return out
+    if k == 0:
+        return out.zero_()
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(inter, cfg.block_n),)
+    _swiglu_gemm_kernel[grid](
+        x, w_gate_up, out, m, inter, k, x.stride(0), w_gate_up.stride(0), out.stride(0),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        EVEN_K=k % cfg.block_k == 0, INTERPRETED=interpreting(),
+        num_stages=cfg.num_stages, num_warps=cfg.num_warps, **_LAUNCH,
+    )
+    return out
+
+
+def swiglu_linear_reference(x: torch.Tensor, w_gate_up: torch.Tensor) -> torch.Tensor:
+    """Pure-torch ``swiglu_linear``: float32 products, silu x up in float32, rounded once."""
+    gate, up = F.linear(x.float(), w_gate_up.float()).chunk(2, dim=1)
+    return (F.silu(gate) * up).to(x.dtype)
