@@ -34,8 +34,11 @@ def rms(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype) -
 
 
 def logits(model, ids: torch.Tensor, act: torch.dtype, resid: torch.dtype, head: torch.dtype | None = None,
-           exact_outputs: bool = False, exact_inner: bool = False, rows: int = 32) -> torch.Tensor:
-    """The block written out with activations in ``act``, the residual stream in ``resid``."""
+           exact_outputs: bool = False, exact_inner: bool = False, rows: int = 32,
+           exact_qkv: bool = False, exact_mlp: bool = False) -> torch.Tensor:
+    """The block written out with activations in ``act``, the residual stream in ``resid``.
+    ``exact_inner`` = ``exact_qkv`` and ``exact_mlp``: the q, k, v / gate, up products unrounded."""
+    exact_qkv, exact_mlp = exact_qkv or exact_inner, exact_mlp or exact_inner
     spec, t = model.spec, model.model.transformer
     n = ids.shape[0]
     cos, sin = rotary_cos_sin(torch.arange(n), spec.head_dim, spec.rope_theta)
@@ -48,13 +51,13 @@ def logits(model, ids: torch.Tensor, act: torch.dtype, resid: torch.dtype, head:
     x = t.wte.weight[ids].to(resid)
     for b in t.blocks:
         h = rms(x, b.attn_norm.weight, b.attn_norm.eps, act)
-        q, k, v = (project(h, m, exact_inner).view(n, -1, spec.head_dim) for m in (b.q_proj, b.k_proj, b.v_proj))
+        q, k, v = (project(h, m, exact_qkv).view(n, -1, spec.head_dim) for m in (b.q_proj, b.k_proj, b.v_proj))
         q, k, v = apply_rotary(q, cos, sin).to(act), apply_rotary(k, cos, sin).to(act), v.to(act)
         a = F.scaled_dot_product_attention(*(z.transpose(0, 1).float() for z in (q, k, v)))
         a = a.to(act).transpose(0, 1).reshape(n, -1)
         x = (x + project(a, b.attn_out, exact_outputs).to(resid)).to(resid)
         h = rms(x, b.ff_norm.weight, b.ff_norm.eps, act)
-        mid = (F.silu(project(h, b.ff_proj, exact_inner)) * project(h, b.up_proj, exact_inner)).to(act)
+        mid = (F.silu(project(h, b.ff_proj, exact_mlp)) * project(h, b.up_proj, exact_mlp)).to(act)
         x = (x + project(mid, b.ff_out, exact_outputs).to(resid)).to(resid)
     h = rms(x, t.ln_f.weight, t.ln_f.eps, head or act)[-rows:]
     return F.linear(h.float(), model.lm_head_weight().float()).double()
@@ -84,6 +87,10 @@ def main() -> None:
                                                                    exact_outputs=True),
         "+ unrounded q, k, v, gate and up products (rounded once after rotary / silu x up)": dict(
             act=bf16, resid=fp32, head=fp32, exact_outputs=True, exact_inner=True),
+        "+ unrounded q, k, v products only (rounded once after rotary)": dict(
+            act=bf16, resid=fp32, head=fp32, exact_outputs=True, exact_qkv=True),
+        "+ unrounded gate, up products only (rounded once after silu x up)": dict(
+            act=bf16, resid=fp32, head=fp32, exact_outputs=True, exact_mlp=True),
         "float32 residual, unrounded o / down and q, k, v, gate, up products (bf16 head)": dict(
             act=bf16, resid=fp32, exact_outputs=True, exact_inner=True),
     }

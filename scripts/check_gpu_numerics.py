@@ -155,15 +155,23 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=32)
     parser.add_argument("--cache", default="dual", choices=("none", "prefix", "dual"))
     parser.add_argument("--logits-only", action="store_true", help="print the logits check, write nothing")
+    parser.add_argument("--variant", default="default",
+                        help="large-step matmul options (dilaserve/engine/gpu/matmul.py VARIANTS)")
     args = parser.parse_args()
+    from dilaserve.engine.gpu import matmul
+
+    if args.variant not in matmul.VARIANTS:
+        parser.error(f"--variant must be one of {sorted(matmul.VARIANTS)}")
+    matmul.OPTIONS = matmul.VARIANTS[args.variant]
     if not torch.cuda.is_available():
         raise SystemExit("check_gpu_numerics.py compares the GPU path with float32: it needs a CUDA device")
     device = torch.device("cuda")
     name = torch.cuda.get_device_name(device)
     start = time.time()
-    result = {"device": name, "torch": torch.__version__, "date": datetime.date.today().isoformat()}
+    result = {"device": name, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+              "variant": args.variant}
     result["logits"] = logits_check(args.shape, device)
-    print(json.dumps(result["logits"]), flush=True)
+    print(json.dumps({"variant": args.variant, **result["logits"]}), flush=True)
     if args.logits_only:
         return
     result["tokens"] = tokens_check(device, args.num, args.max_tokens, args.block, args.cache)

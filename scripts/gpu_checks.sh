@@ -4,6 +4,7 @@
 #   OUT=dir bash scripts/gpu_checks.sh sparse          # #14: long-context reuse steps, dense vs kv_retention 0.5
 #   OUT=dir bash scripts/gpu_checks.sh sdar-profile,sdar-load   # #12: the block-causal (SDAR-8B shape) case
 #   OUT=dir bash scripts/gpu_checks.sh tp,tp-profile   # #10: needs 2 GPUs (tp-serve also needs Ray's wheels)
+#   OUT=dir bash scripts/gpu_checks.sh large-gemms,engine-steps,numerics-variants   # large steps' matmul options
 # Each part writes its log and results under $OUT; a failing part does not stop the others.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
@@ -17,14 +18,17 @@ part() {
   [[ ",$PARTS," == *",$name,"* ]] || return 0
   local t0=$SECONDS
   echo "== $name: $*"
-  "$@" > "$OUT/$name.log" 2>&1
+  timeout "${PART_TIMEOUT_S:-1800}" "$@" > "$OUT/$name.log" 2>&1
   echo "== $name: rc=$? in $((SECONDS - t0)) s"
   tail -n 25 "$OUT/$name.log"
 }
 part tests python3 -m pytest -q -p no:cacheprovider tests/kernels tests/engine/test_step_padding.py
 part smoke python3 scripts/profile_step.py --tiny --out "$OUT/smoke"  # the GPU-only scripts on a toy model
 part numerics python3 scripts/check_gpu_numerics.py --out "$OUT"
+part numerics-variants bash -c 'for v in ${NUMERICS_VARIANTS:-default all}; do python3 scripts/check_gpu_numerics.py --logits-only --variant $v; done'
 part fused python3 scripts/bench_fused.py --out "$OUT"
+part large-gemms python3 scripts/sweep_large_gemms.py --out "$OUT"
+part engine-steps python3 scripts/profile_engine_steps.py --out "$OUT" --variants "${ENGINE_STEPS_VARIANTS:-default,bf16-qkv,swiglu,addmm,all}"
 part engine python3 scripts/bench_engine.py --out "$OUT" --budget-s "${ENGINE_BUDGET_S:-330}"
 part block python3 scripts/bench_block_diffusion.py --out "$OUT"
 part profile python3 -m dilaserve.cli profile latency --shape llada-8b --device cuda --out "$OUT/profiles"

@@ -1,0 +1,158 @@
+"""The large steps' matmuls on a GPU: cuBLAS as the fast path calls it against the alternatives.
+
+  python3 scripts/sweep_large_gemms.py --out DIR [--rows 512,1024,2048,5888]
+
+LLaDA-8B shapes (K 4096, intermediate 12288), bf16 operands, random data. For each row count:
+
+- gate | up + silu x up: cuBLAS bf16 output + ``fused.silu_mul`` (bf16 products: rounded twice),
+  cuBLAS float32 output + ``fused.silu_mul`` (the fast path's default), and the one-kernel
+  ``kernels/swiglu_gemm.py`` at each config of ``CONFIGS`` (its relative error against the
+  default's result is reported: both round once);
+- o / down into the float32 stream: ``residual.add_(mm(out_dtype=float32))`` (default) against
+  cuBLAS accumulating into the stream (``addmm.dtype_out``, beta 1);
+- q | k | v: the matmul with a bf16 against a float32 output.
+
+Times are medians of CUDA-event-timed calls. Writes ``large_gemms_<device>_<date>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_engine as bench  # noqa: E402
+
+from kernels.fused import silu_mul  # noqa: E402
+from kernels.swiglu_gemm import SwigluGemmConfig, swiglu_linear  # noqa: E402
+
+CONFIGS = [
+    SwigluGemmConfig(128, 128, 64, 8, 3, 8),
+    SwigluGemmConfig(128, 128, 64, 8, 4, 8),
+    SwigluGemmConfig(128, 64, 64, 8, 4, 4),
+    SwigluGemmConfig(128, 64, 64, 8, 4, 8),
+    SwigluGemmConfig(64, 128, 64, 8, 4, 4),
+    SwigluGemmConfig(128, 128, 32, 8, 5, 8),
+    SwigluGemmConfig(256, 64, 64, 8, 3, 8),
+    SwigluGemmConfig(128, 64, 128, 8, 3, 8),
+]
+
+
+def tflops(m: int, n: int, k: int, ms: float) -> float:
+    return 2 * m * n * k / ms / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="large-gemms-out")
+    parser.add_argument("--rows", default="512,1024,2048,5888")
+    parser.add_argument("--reps", type=int, default=20)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("sweep_large_gemms.py needs a CUDA GPU")
+    dev = torch.device("cuda")
+    d, inter = 4096, 12288
+    gen = torch.Generator(device=dev).manual_seed(0)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, device=dev, generator=gen) * scale).to(torch.bfloat16)
+
+    w_gate_up = rnd(2 * inter, d, scale=d ** -0.5)
+    w_down, w_o, w_qkv = rnd(d, inter, scale=inter ** -0.5), rnd(d, d, scale=d ** -0.5), rnd(3 * d, d, scale=d ** -0.5)
+
+    def timed(fn) -> float:
+        return bench.median_ms(fn, dev, warmup=3, reps=args.reps)
+
+    rows_out = []
+    for m in (int(r) for r in args.rows.split(",")):
+        x = rnd(m, d)
+        row: dict = {"rows": m}
+
+        def bf16_path():
+            return silu_mul(torch.nn.functional.linear(x, w_gate_up))
+
+        def fp32_path():
+            g = torch.mm(x, w_gate_up.t(), out_dtype=torch.float32)
+            gate, up = g.split(inter, dim=1)
+            return silu_mul(gate, up, out=torch.empty(m, inter, dtype=torch.bfloat16, device=dev))
+
+        ref = fp32_path()
+        row["gate_up"] = {
+            "cublas_bf16_matmul_ms": timed(lambda: torch.nn.functional.linear(x, w_gate_up)),
+            "cublas_fp32_matmul_ms": timed(lambda: torch.mm(x, w_gate_up.t(), out_dtype=torch.float32)),
+            "bf16_products_ms": timed(bf16_path),
+            "fp32_products_ms": timed(fp32_path),
+            "configs": [],
+        }
+        for cfg in CONFIGS:
+            entry = {"config": vars(cfg) if hasattr(cfg, "__dict__") else str(cfg)}
+            try:
+                got = swiglu_linear(x, w_gate_up, config=cfg)
+                entry["relative_error"] = float((got.double() - ref.double()).norm() / ref.double().norm())
+                entry["ms"] = timed(lambda cfg=cfg: swiglu_linear(x, w_gate_up, config=cfg))
+                entry["tflops"] = tflops(m, 2 * inter, d, entry["ms"])
+            except Exception as exc:  # noqa: BLE001 - a config that does not compile is a result too
+                entry["error"] = repr(exc)[:300]
+            row["gate_up"]["configs"].append(entry)
+            print(m, entry, flush=True)
+        row["gate_up"]["cublas_fp32_tflops"] = tflops(m, 2 * inter, d, row["gate_up"]["cublas_fp32_matmul_ms"])
+        # o / down into the float32 stream
+        for name, w in (("o", w_o), ("down", w_down)):
+            xin = rnd(m, w.shape[1])
+            stream = torch.randn(m, d, device=dev, generator=gen)
+            expect = stream + torch.mm(xin, w.t(), out_dtype=torch.float32)
+            got = torch.ops.aten.addmm.dtype_out(stream.clone(), xin, w.t(), torch.float32, out=stream.clone())
+            s1, s2 = stream.clone(), stream.clone()
+            row[name] = {
+                "mm_then_add_ms": timed(lambda: s1.add_(torch.mm(xin, w.t(), out_dtype=torch.float32))),
+                "addmm_in_place_ms": timed(
+                    lambda: torch.ops.aten.addmm.dtype_out(s2, xin, w.t(), torch.float32, out=s2)),
+                "bf16_then_add_ms": timed(lambda: s1.add_(torch.nn.functional.linear(xin, w))),
+                "addmm_max_abs_diff": float((got - expect).abs().max()),
+            }
+        row["qkv"] = {"bf16_ms": timed(lambda: torch.nn.functional.linear(x, w_qkv)),
+                      "fp32_ms": timed(lambda: torch.mm(x, w_qkv.t(), out_dtype=torch.float32))}
+        rows_out.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "gate_up"}), flush=True)
+    name = torch.cuda.get_device_name(dev)
+    result = {"benchmark": "sweep_large_gemms", "device": name, "date": datetime.date.today().isoformat(),
+              "torch": torch.__version__, "rows": rows_out}
+    lines = [f"# Large-step matmuls on {name} ({result['date']})", "",
+             "LLaDA-8B shapes, bf16 operands, median ms of CUDA-event-timed calls.", "",
+             "## gate | up + silu x up", "",
+             "| rows | cuBLAS bf16 matmul | cuBLAS fp32 matmul (TFLOP/s) | bf16 products + silu_mul | "
+             "fp32 products + silu_mul (default) | best one-kernel config | its ms (TFLOP/s) | its rel. error |",
+             "|---:|---:|---:|---:|---:|---|---:|---:|"]
+    for r in rows_out:
+        g = r["gate_up"]
+        ok = [c for c in g["configs"] if "ms" in c]
+        best = min(ok, key=lambda c: c["ms"]) if ok else None
+        lines.append(
+            f"| {r['rows']} | {g['cublas_bf16_matmul_ms']:.3f} | {g['cublas_fp32_matmul_ms']:.3f} "
+            f"({g['cublas_fp32_tflops']:.0f}) | {g['bf16_products_ms']:.3f} | {g['fp32_products_ms']:.3f} | "
+            + (f"{best['config']} | {best['ms']:.3f} ({best['tflops']:.0f}) | {best['relative_error']:.1e} |"
+               if best else "- | - | - |"))
+    lines += ["", "## o / down into the float32 stream, q | k | v", "",
+              "| rows | o: mm + add | o: addmm | down: mm + add | down: addmm | down: bf16 + add | qkv bf16 | qkv fp32 |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows_out:
+        lines.append(f"| {r['rows']} | {r['o']['mm_then_add_ms']:.3f} | {r['o']['addmm_in_place_ms']:.3f} | "
+                     f"{r['down']['mm_then_add_ms']:.3f} | {r['down']['addmm_in_place_ms']:.3f} | "
+                     f"{r['down']['bf16_then_add_ms']:.3f} | {r['qkv']['bf16_ms']:.3f} | {r['qkv']['fp32_ms']:.3f} |")
+    md = "\n".join(lines) + "\n"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
+    stem = out / f"large_gemms_{slug}_{result['date']}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    stem.with_suffix(".md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
