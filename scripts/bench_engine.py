@@ -357,7 +357,9 @@ def markdown(result: dict) -> str:
         "in the blocks), random bf16 weights built on the GPU; step cost does not depend on the weights "
         "(same shapes; fixed-steps schedule; EOS row zeroed so no request stops early).", "",
         f"torch {result['torch']}, triton {result.get('triton', '-')}. Wall time of the benchmark: {result['elapsed_s']:.0f} s."
-        + (f" Errors: {result['errors']}." if result.get("errors") else ""), "",
+        + (f" Errors: {result['errors']}." if result.get("errors") else "")
+        + (f" Large-step matmul options: `{result['settings']['variant']}` (matmul.VARIANTS)."
+           if result["settings"].get("variant") else ""), "",
         "## Device ceilings", "",
         f"- bf16 matmul {c.get('matmul_n', '-')}^3, random data: **{c.get('matmul_tflops', float('nan')):.0f} TFLOP/s**",
         f"- device copy: **{c.get('copy_tb_per_s', float('nan')):.2f} TB/s** (bytes read + written)", "",
@@ -431,8 +433,16 @@ def main() -> None:
     parser.add_argument("--reserve-gib", type=float, default=18.0, help="GPU memory kept free of KV pages")
     parser.add_argument("--passes", type=int, default=2, choices=(1, 2),
                         help="2: time the second pass of the workload on one engine (graphs captured in the first)")
+    parser.add_argument("--variant", default=None,
+                        help="large-step matmul options (dilaserve/engine/gpu/matmul.py VARIANTS; default: the committed)")
     parser.add_argument("--tiny", action="store_true", help="toy model: check the script, not the GPU")
     args = parser.parse_args()
+    if args.variant is not None:
+        from dilaserve.engine.gpu import matmul
+
+        if args.variant not in matmul.VARIANTS:
+            parser.error(f"--variant must be one of {sorted(matmul.VARIANTS)}")
+        matmul.OPTIONS = matmul.VARIANTS[args.variant]
     budget = Budget(args.budget_s)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     paths = [p for p in args.paths.split(",") if p]
