@@ -17,8 +17,8 @@ GROUP_M row tiles per column tile first, so neighbouring programs share weight t
 Each K step loads one x tile and two weight tiles (gate rows n.., up rows I + n..) and issues two
 dots. Rows past M and columns past I are masked; K is masked only when BLOCK_K does not divide it.
 
-Precision: bf16 / fp16 operands on tensor cores with float32 accumulation; under the
-interpreter the dots run in float32 (``kernels.interpreter``).
+Precision: bf16 / fp16 operands on tensor cores with float32 accumulation, float32 operands in
+IEEE float32 (not TF32); under the interpreter the dots run in float32 (``kernels.interpreter``).
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ DEFAULT_CONFIG = SwigluGemmConfig()
 @triton.jit
 def _swiglu_gemm_kernel(x_ptr, w_ptr, out_ptr, M, I, K, stride_xm, stride_wn, stride_om,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, INTERPRETED: tl.constexpr):
+                        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                        INTERPRETED: tl.constexpr):
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(I, BLOCK_N)
@@ -95,8 +96,8 @@ def _swiglu_gemm_kernel(x_ptr, w_ptr, out_ptr, M, I, K, stride_xm, stride_wn, st
             u = tl.load(u_ptrs, mask=k_ok[None, :], other=0.0)
         if INTERPRETED:  # the interpreter's bf16 dots are wrong: multiply in float32 there
             a, g, u = a.to(tl.float32), g.to(tl.float32), u.to(tl.float32)
-        acc_g = tl.dot(a, tl.trans(g), acc_g)
-        acc_u = tl.dot(a, tl.trans(u), acc_u)
+        acc_g = tl.dot(a, tl.trans(g), acc_g, input_precision=DOT_PRECISION)
+        acc_u = tl.dot(a, tl.trans(u), acc_u, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
         u_ptrs += BLOCK_K
@@ -135,6 +136,8 @@ def swiglu_linear(x: torch.Tensor, w_gate_up: torch.Tensor, *, out: torch.Tensor
         x, w_gate_up, out, m, inter, k, x.stride(0), w_gate_up.stride(0), out.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         EVEN_K=k % cfg.block_k == 0, INTERPRETED=interpreting(),
+        # float32 operands: IEEE products (Triton's default would round them to TF32 on a GPU)
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 or interpreting() else "tf32",
         num_stages=cfg.num_stages, num_warps=cfg.num_warps, **_LAUNCH,
     )
     return out

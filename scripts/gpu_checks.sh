@@ -28,7 +28,7 @@ part numerics python3 scripts/check_gpu_numerics.py --out "$OUT"
 part numerics-variants bash -c 'for v in ${NUMERICS_VARIANTS:-default all}; do python3 scripts/check_gpu_numerics.py --logits-only --variant $v; done'
 part fused python3 scripts/bench_fused.py --out "$OUT"
 part large-gemms python3 scripts/sweep_large_gemms.py --out "$OUT"
-part engine-steps python3 scripts/profile_engine_steps.py --out "$OUT" --variants "${ENGINE_STEPS_VARIANTS:-default,bf16-qkv,swiglu,addmm,all}"
+part engine-steps python3 scripts/profile_engine_steps.py --out "$OUT" --variants "${ENGINE_STEPS_VARIANTS:-default,mm-add,bf16-qkv,swiglu,all}"
 part engine python3 scripts/bench_engine.py --out "$OUT" --budget-s "${ENGINE_BUDGET_S:-330}"
 part block python3 scripts/bench_block_diffusion.py --out "$OUT"
 part profile python3 -m dilaserve.cli profile latency --shape llada-8b --device cuda --out "$OUT/profiles"

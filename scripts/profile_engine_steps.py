@@ -18,7 +18,7 @@ Triton path, run twice on one engine per variant; the second pass is timed. For 
 Variants: ``default`` (the committed engine), ``bf16-large`` (steps above 32 rows use bf16
 products, ``matmul.UNROUNDED_MAX_ROWS = 32``), ``refresh-8192`` (``max_refresh_tokens`` 8192),
 and the large-step matmul options of ``dilaserve/engine/gpu/matmul.py`` (``bf16-qkv``,
-``swiglu``, ``addmm``, ``all``).
+``swiglu``, ``mm-add``, ``all``).
 Writes ``engine_steps_<device>_<date>.{json,md}`` under ``--out``. ``--tiny`` runs a toy model
 (the torch path on a CPU) to check the script itself.
 """
@@ -54,7 +54,7 @@ VARIANTS = {
     "refresh-8192": ({"max_refresh_tokens": 8192, "max_batch_tokens": 12288}, None, "default"),
     "bf16-qkv": ({}, None, "bf16-qkv"),
     "swiglu": ({}, None, "swiglu"),
-    "addmm": ({}, None, "addmm"),
+    "mm-add": ({}, None, "mm-add"),
     "all": ({}, None, "all"),
 }
 PHASES = ("plan", "build inputs", "launch forward", "wait + choose", "apply")
@@ -217,7 +217,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="engine-steps-out")
     parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--variants", default="default,bf16-qkv,swiglu,addmm,all")
+    parser.add_argument("--variants", default="default,mm-add,bf16-qkv,swiglu,all")
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--block", type=int, default=32)
