@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks and benchmarks in one go, for a lent GPU machine (see docs/benchmarks/README.md).
 #   OUT=dir bash scripts/gpu_checks.sh tests,smoke,numerics,fused,engine,block,profile,load
-#   OUT=dir bash scripts/gpu_checks.sh sparse          # #14: long-context reuse steps, dense vs kv_retention 0.5
+#   OUT=dir bash scripts/gpu_checks.sh sparse          # #14: long-context reuse steps, dense vs kv_retention 0.5 (H200: batch 32 x 4096 needs ~96 GiB of KV)
 #   OUT=dir bash scripts/gpu_checks.sh sdar-profile,sdar-load   # #12: the block-causal (SDAR-8B shape) case
 #   OUT=dir bash scripts/gpu_checks.sh tp,tp-profile   # #10: needs 2 GPUs (tp-serve also needs Ray's wheels)
 #   OUT=dir bash scripts/gpu_checks.sh large-gemms,engine-steps,numerics-variants   # large steps' matmul options

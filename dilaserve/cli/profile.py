@@ -17,6 +17,8 @@ from pathlib import Path
 
 from dilaserve.cli.eval import add_common, load_engine
 
+PROFILE_PAGE_SIZE = 16  # KV page size of the profiling runner
+
 DEFAULT_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
 
@@ -222,8 +224,9 @@ def _profile_degree(args, model, model_name: str, device_name: str, dtype, grid,
     import torch
 
     from dilaserve.engine.latency_profile import profile_dict
-    from dilaserve.engine.profiling import measure_grid
+    from dilaserve.engine.profiling import kv_does_not_fit, measure_grid
     from dilaserve.engine.sampling_params import default_cache
+    from dilaserve.errors import DiLaServeError
     from dilaserve.models.paged_attention import PagedKVCache
     from dilaserve.models.tensor_parallel import local_kv_heads
 
@@ -237,9 +240,15 @@ def _profile_degree(args, model, model_name: str, device_name: str, dtype, grid,
         print(f"[{done[0]:4d}/{todo}] {point.phase:7} batch {point.batch_size:3d} chunk {point.chunk:3d} "
               f"context {point.context:5d} tokens {point.shape.tokens:6d}: {point.seconds * 1e3:9.2f} ms", flush=True)
 
-    points = measure_grid(model, grid, kernels=args.kernels, progress=progress, tp=tp)
     spec = model.spec
     device = next(model.parameters()).device
+    if device.type == "cuda":  # say so, rather than a CUDA out-of-memory error mid-way
+        page = PagedKVCache.bytes_per_page(spec.num_layers, PROFILE_PAGE_SIZE, local_kv_heads(spec, degree),
+                                           spec.head_dim, dtype)
+        problem = kv_does_not_fit(grid, PROFILE_PAGE_SIZE, page, torch.cuda.mem_get_info(device)[0])
+        if problem:
+            raise DiLaServeError(problem)
+    points = measure_grid(model, grid, page_size=PROFILE_PAGE_SIZE, kernels=args.kernels, progress=progress, tp=tp)
     # KV bytes per token on one rank (it caches its share of the heads); capacity is per instance.
     per_token = PagedKVCache.bytes_per_page(spec.num_layers, 1, local_kv_heads(spec, degree), spec.head_dim, dtype)
     if args.kv_memory_gib is not None:

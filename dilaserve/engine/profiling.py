@@ -71,6 +71,18 @@ class Grid:
         return max(b for b in self.batch_sizes) * -(-int(max(self.contexts) * extra + 1) // page_size)
 
 
+def kv_does_not_fit(grid: Grid, page_size: int, bytes_per_page: int, free_bytes: int) -> str | None:
+    """Why the grid's KV cache (its largest batch at its longest context, allocated up front)
+    cannot fit in ``free_bytes`` of device memory, or None when it fits."""
+    need = grid.pages_needed(page_size) * bytes_per_page
+    if need <= free_bytes:
+        return None
+    return (f"the grid's KV cache needs {need / 2**30:.1f} GiB (batch {max(grid.batch_sizes)} x context "
+            f"{max(grid.contexts)}{'' if not grid.kv_retention else ' + its sparse region'}) but only "
+            f"{free_bytes / 2**30:.1f} GiB of device memory is free after the weights; "
+            f"lower --batch-sizes or --contexts")
+
+
 def make_requests(spec, batch: int, context: int, block_size: int, num_refreshing: int, seed: int,
                   kv_retention: float | None = None) -> list[Request]:
     """``batch`` requests of ``context`` tokens at the start of their first block: the first

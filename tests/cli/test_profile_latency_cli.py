@@ -29,3 +29,23 @@ def test_profile_latency_writes_a_fitted_profile_and_plot(tmp_path, llada_dir, l
     assert load_latency_profile(path).degrees[0].cost.fixed_s >= 0  # also a planner latency profile
     engine = Engine(llada, EngineConfig(num_pages=64, page_size=8, latency_profile=str(path)))
     assert isinstance(engine.cost, ProfiledCost) and engine.cost.cost == StepCost.from_profile(path)
+
+
+def test_a_grid_whose_kv_cache_does_not_fit_is_refused_with_a_reason():
+    """On a GPU the profiler checks the grid's KV cache against free memory before allocating
+    it: LLaDA-8B's batch 32 x context 4096 with a 0.5 sparse region (gpu_checks' sparse-profile-kv)
+    needs ~96 GiB of KV, more than an 80 GB H100 has beside the 16 GB of weights."""
+    import torch
+
+    from dilaserve.engine.profiling import Grid, kv_does_not_fit
+    from dilaserve.models.paged_attention import PagedKVCache
+
+    page = PagedKVCache.bytes_per_page(32, 16, 32, 128, torch.bfloat16)  # LLaDA-8B: 32 layers, 32 x 128 heads
+    grid = Grid(batch_sizes=(1, 8, 32), contexts=(2048, 4096), kv_retention=0.5)
+    gib = 2**30
+    problem = kv_does_not_fit(grid, 16, page, free_bytes=62 * gib)
+    assert problem is not None
+    assert "96.2 GiB" in problem and "batch 32 x context 4096" in problem and "--batch-sizes" in problem
+    assert kv_does_not_fit(grid, 16, page, free_bytes=120 * gib) is None  # an H200 holds it
+    assert kv_does_not_fit(Grid(batch_sizes=(1, 8), contexts=(2048, 4096), kv_retention=0.5), 16, page,
+                           free_bytes=62 * gib) is None  # batch 8 fits the H100
