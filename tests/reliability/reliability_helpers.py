@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import statistics
 import threading
 import time
@@ -182,7 +183,8 @@ def latency_summary_ms(values_s: list[float]) -> dict[str, float]:
 # -- processes ----------------------------------------------------------------------------------
 def replica_pids(app_name: str) -> dict[str, int]:
     """Replica name -> pid of its Serve replica process on this machine (from the process titles
-    Ray sets: ``ray::ServeReplica:<app>:replica-<name>``)."""
+    Ray sets: ``ray::ServeReplica:<app>:replica-<name>``, with ``.<method>()`` appended while the
+    actor runs a call; a CI run found the replica mid-call and missed it)."""
     found = {}
     marker = f"ServeReplica:{app_name}:replica-"
     for proc in Path("/proc").iterdir():
@@ -193,7 +195,7 @@ def replica_pids(app_name: str) -> dict[str, int]:
         except OSError:
             continue
         if marker in cmdline and cmdline.startswith("ray::"):
-            name = cmdline.split(marker, 1)[1].split()[0]
+            name = re.match(r"[^\s.()]+", cmdline.split(marker, 1)[1]).group(0)
             found[name] = int(proc.name)
     return found
 
