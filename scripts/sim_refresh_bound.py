@@ -8,8 +8,10 @@ predicts (``--latency``: a ``dilaserve profile latency`` JSON measured on a GPU)
 tokens an acceptance model draws from a quality profile (``--quality``), through
 ``sim.step_replica.StepReplica`` (the engine core with a simulated runner). So it runs in
 seconds on a CPU, and shows what the policies do for a GPU and a model before device time is
-spent. Reports decided tokens/s, p50 / p99 end-to-end latency and p50 / p90 time per output
-token of the requests finishing after ``--warmup-s``, averaged over ``--seeds`` runs; writes JSON + markdown under ``--out``.
+spent. Reports decided tokens/s (positions committed after ``--warmup-s``), and p50 / p99
+end-to-end latency and p50 / p90 / p99 time per output token of the requests finishing after it,
+averaged over ``--seeds`` runs; writes JSON + markdown under ``--out``. ``--steps-per-block``
+runs LLaDA's fixed-steps schedule instead of the threshold (the issue's 4 tokens per step).
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ def run_point(cost: StepCost, acceptance: AcceptanceModel, load: tuple[str, floa
     config = EngineConfig(num_pages=1 << 16, page_size=16, max_batch_tokens=1 << 20, max_refresh_tokens=1 << 20,
                           max_running=1 << 12, refresh_bound=bound, refresh_slowdown=args.refresh_slowdown)
     replica = StepReplica("sim", ReplicaGroup("sim", cost=cost, engine=config), acceptance, seed)
-    params = SamplingParams(max_tokens=args.max_tokens, block_size=args.block, threshold=args.threshold, cache="dual")
+    steps = None if args.steps_per_block is None else args.steps_per_block * (args.max_tokens // args.block)
+    params = SamplingParams(max_tokens=args.max_tokens, block_size=args.block, cache="dual",
+                            threshold=None if steps else args.threshold, steps=steps)
     arrived: dict[str, float] = {}
 
     def add(now: float) -> None:
@@ -58,7 +62,7 @@ def run_point(cost: StepCost, acceptance: AcceptanceModel, load: tuple[str, floa
         shape = 1.0 / args.burst_cv ** 2
         gaps = rng.gamma(shape, 1.0 / (shape * value), size=int(value * args.duration_s * 2) + 10)
         pending = [t for t in np.cumsum(gaps).tolist() if t < args.duration_s][::-1]
-    now, e2e, tpot = 0.0, [], []
+    now, e2e, tpot, decided = 0.0, [], [], 0
     while now < args.duration_s:
         while pending and pending[-1] <= now:
             add(pending.pop())
@@ -68,6 +72,8 @@ def run_point(cost: StepCost, acceptance: AcceptanceModel, load: tuple[str, floa
                 break
             now = pending[-1]  # idle until the next arrival
             continue
+        if end >= args.warmup_s:  # positions committed in the measured window (as bench_load counts them)
+            decided += sum(len(d.positions) for d in replica.step_output.decisions.values())
         finished = replica.finish_step(end)
         now = end
         for request in finished:
@@ -79,7 +85,7 @@ def run_point(cost: StepCost, acceptance: AcceptanceModel, load: tuple[str, floa
     measured_s = now - args.warmup_s
     if not e2e:
         raise SystemExit(f"{kind} {value}: no request finished after the warm-up; raise --duration-s")
-    return {"tokens_per_s": len(e2e) * args.max_tokens / measured_s if measured_s > 0 else 0.0,
+    return {"tokens_per_s": decided / measured_s if measured_s > 0 else 0.0,
             "p50_e2e_s": float(np.percentile(e2e, 50)), "p99_e2e_s": float(np.percentile(e2e, 99)),
             "p50_tpot_ms": 1e3 * float(np.percentile(tpot, 50)), "p90_tpot_ms": 1e3 * float(np.percentile(tpot, 90)),
             "p99_tpot_ms": 1e3 * float(np.percentile(tpot, 99)), "finished": len(e2e)}
@@ -96,6 +102,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--block", type=int, default=32)
     parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--steps-per-block", type=int, default=None,
+                        help="LLaDA's fixed-steps schedule (block / this many tokens a step) instead of the threshold")
     parser.add_argument("--refresh-slowdown", type=float, default=1.0)
     parser.add_argument("--duration-s", type=float, default=120.0, help="simulated seconds per point")
     parser.add_argument("--warmup-s", type=float, default=10.0, help="requests finishing earlier are not counted")
@@ -115,12 +123,16 @@ def main() -> None:
             rows.append(row)
             print(f"{label:>22} {bound:5s} {row['tokens_per_s']:8.0f} tok/s  p99 e2e {row['p99_e2e_s']:6.2f} s  "
                   f"p99 TPOT {row['p99_tpot_ms']:6.1f} ms", flush=True)
+    tokens_per_step = (args.block / args.steps_per_block if args.steps_per_block
+                       else acceptance.mean(args.threshold, args.block))
+    decoding = (f"fixed steps, {tokens_per_step:g} tokens decided per step" if args.steps_per_block else
+                f"quality profile `{Path(args.quality).name}` ({tokens_per_step:.2f} tokens decided per step at "
+                f"threshold {args.threshold})")
     result = {"benchmark": "sim_refresh_bound", "date": datetime.date.today().isoformat(), "settings": vars(args),
-              "tokens_per_step": acceptance.mean(args.threshold, args.block), "rows": rows}
+              "tokens_per_step": tokens_per_step, "rows": rows}
     lines = [
         f"# Simulated closed loop: unbounded vs phase-mixed refreshes ({result['date']})", "",
-        f"Latency profile `{Path(args.latency).name}`, quality profile `{Path(args.quality).name}` "
-        f"({result['tokens_per_step']:.2f} tokens decided per step at threshold {args.threshold}); prompt "
+        f"Latency profile `{Path(args.latency).name}`, {decoding}; prompt "
         f"{args.prompt_len}, {args.max_tokens} generated, block {args.block}, dual cache; {args.duration_s:.0f} "
         f"simulated s per point (requests finishing in the first {args.warmup_s:.0f} s not counted), mean of {args.seeds} seeds.", "",
         "| load | refresh bound | decided tok/s | p50 / p99 e2e s | p50 / p90 / p99 TPOT ms |",
@@ -133,7 +145,8 @@ def main() -> None:
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"sim_refresh_bound_{Path(args.quality).stem}_{result['date']}"
+    what = f"steps{args.steps_per_block}" if args.steps_per_block else Path(args.quality).stem
+    stem = f"sim_refresh_bound_{what}_{result['date']}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     (out / f"{stem}.md").write_text(table + "\n")
 

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 from dilaserve.engine.sampling_params import RequestCounters, SamplingParams
+from dilaserve.generation.names import scheduled_count
 
 
 class RequestStatus(enum.Enum):
@@ -136,6 +137,13 @@ class Request:
 
     def num_masked_remaining(self) -> int:
         return sum(1 for t in self.canvas[self.block_start:] if t == self.mask_id)
+
+    def scheduled_commits(self, num_queries: int) -> int:
+        """For a fixed-steps request (``params.steps``): how many of ``num_queries`` queried
+        positions LLaDA's schedule commits at this step of the block (``FixedStepsUnmasker``).
+        Runners that stand in for a model's decisions (simulator, load benchmark) use it."""
+        steps_per_block = self.params.steps // self.params.num_blocks
+        return scheduled_count(self.num_masked_at_block_start, steps_per_block, self.step_in_block, num_queries)
 
     def commit(self, positions: list[int], tokens: list[int]) -> None:
         for p, t in zip(positions, tokens):

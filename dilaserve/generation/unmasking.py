@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from dilaserve.errors import InvalidRequestError
 
-from dilaserve.generation.names import DREAM_ALGORITHMS, REMASKING
+from dilaserve.generation.names import DREAM_ALGORITHMS, REMASKING, scheduled_count
 
 
 @dataclass(frozen=True)
@@ -132,12 +132,6 @@ def _set_rows(x: torch.Tensor, index: torch.Tensor | None, values: torch.Tensor)
         x.index_copy_(0, index, values)
 
 
-def fixed_schedule(num_masked: int, steps: int) -> list[int]:
-    """LLaDA's get_num_transfer_tokens for one request: even split, remainder first."""
-    base, rem = divmod(num_masked, steps)
-    return [base + (1 if i < rem else 0) for i in range(steps)]
-
-
 def _top(confidence: torch.Tensor, k: int) -> torch.Tensor:
     commit = torch.zeros_like(confidence, dtype=torch.bool)
     if k > 0:
@@ -181,8 +175,7 @@ class FixedStepsUnmasker(_ChoosesLikeLLaDA):
 
     def commit_count(self, step: int, num_masked_in_block: int, num_queries: int) -> int:
         """How many of ``num_queries`` queried positions this step commits."""
-        schedule = fixed_schedule(num_masked_in_block, self.steps_per_block)
-        return min(schedule[step] if step < len(schedule) else num_queries, num_queries)
+        return scheduled_count(num_masked_in_block, self.steps_per_block, step, num_queries)
 
     def steps_for_block(self, block_len):
         return self.steps_per_block

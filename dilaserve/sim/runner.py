@@ -4,7 +4,9 @@
 commits the first ``k`` of its query positions, ``k`` drawn from the acceptance model at the
 request's current threshold (capped by the queried positions: the block's still-masked ones,
 or fewer under a chunk) (so streaming, block advance and finishing go through the real
-``Request`` and ``Scheduler`` code); the step takes ``cost.step_s(tokens, context)`` seconds.
+``Request`` and ``Scheduler`` code); a fixed-steps request (``params.steps``) commits what
+LLaDA's schedule sets for its step of the block, as the engine does. The step takes
+``cost.step_s(tokens, context)`` seconds.
 """
 
 from __future__ import annotations
@@ -27,8 +29,11 @@ class SimulatedRunner:
         decisions = {}
         for item in plan.items:
             request = item.request
-            lam = self.acceptance.draw_parameter(request.threshold, request.params.block_size)
-            k = self.acceptance.draw(self.rng, lam, len(item.query_positions))
+            if request.params.steps is not None:  # LLaDA's schedule: the count is set, not drawn
+                k = request.scheduled_commits(len(item.query_positions))
+            else:
+                lam = self.acceptance.draw_parameter(request.threshold, request.params.block_size)
+                k = self.acceptance.draw(self.rng, lam, len(item.query_positions))
             decisions[request.request_id] = Decision(item.query_positions[:k], (self.token_id,) * k)
         return StepOutput(decisions, self.cost.step_s(plan.num_tokens, plan.num_context_tokens))
 

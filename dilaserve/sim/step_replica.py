@@ -71,6 +71,11 @@ class StepReplica(EngineCore):
         self._step = (plan, result)
         return now_s + result.elapsed_s
 
+    @property
+    def step_output(self) -> StepOutput | None:
+        """The running step's decisions (None between steps)."""
+        return None if self._step is None else self._step[1]
+
     def finish_step(self, now_s: float) -> list[Request]:
         """Applies the step's decisions at its end; returns the requests it finished."""
         self.now = now_s

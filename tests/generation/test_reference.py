@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from dilaserve.errors import InvalidRequestError
+from dilaserve.generation.names import fixed_schedule
 from dilaserve.generation.reference import GenerationConfig, generate
-from dilaserve.generation.unmasking import fixed_schedule
 
 PROMPTS = [[5, 9, 40, 41, 42], [100, 3, 77, 12, 12, 13, 90, 8, 1]]
 

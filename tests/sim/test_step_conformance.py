@@ -84,3 +84,43 @@ def test_step_replica_reproduces_the_engine_step_for_step(llada, load_control):
         assert any(r.counters.num_threshold_lowerings for r in sim.values())
     # So do the predictions the ingress reads (they go through the online cost model's refits).
     assert flat(sim_predictions) == pytest.approx(flat(real_predictions), rel=1e-9)
+
+
+def test_fixed_steps_requests_commit_on_llada_schedule_as_the_engine_does(llada):
+    """The simulator's fixed-steps requests (``params.steps``) commit what the engine's
+    ``FixedStepsUnmasker`` commits, step for step: counts are set by the schedule, not drawn."""
+    config = EngineConfig(num_pages=64, page_size=8, max_running=3, max_batch_tokens=400)
+    # (prompt tokens, params): uneven schedules (10 over 4 steps: 3, 3, 2, 2), a short last block,
+    # and more requests than may run at once.
+    specs = [(9, SamplingParams(max_tokens=20, block_size=10, steps=8)),
+             (4, SamplingParams(max_tokens=16, block_size=8, steps=2)),
+             (13, SamplingParams(max_tokens=12, block_size=8, steps=6)),
+             (6, SamplingParams(max_tokens=24, block_size=8, steps=9))]
+
+    def masked_after_each_step(step, requests):
+        history = []
+        while any(not r.is_finished for r in requests.values()):
+            step()
+            history.append({rid: r.num_masked_remaining() for rid, r in requests.items()})
+        return history
+
+    engine = Engine(llada, config)
+    real = {str(i): engine.make_request(str(i), [7] * prompt, p) for i, (prompt, p) in enumerate(specs)}
+    for request in real.values():
+        engine.add(request)
+    real_history = masked_after_each_step(engine.step, real)
+
+    replica = StepReplica("r", ReplicaGroup("g", engine=config), AcceptanceModel(), seed=3)
+    sim = {str(i): Request(str(i), [0] * prompt, p, MASK_ID, frozenset(), 0.0, None) for i, (prompt, p) in enumerate(specs)}
+    for request in sim.values():
+        replica.scheduler.add(request)
+    now = [0.0]
+
+    def sim_step():
+        now[0] = replica.start_step(now[0])
+        replica.finish_step(now[0])
+
+    assert masked_after_each_step(sim_step, sim) == real_history
+    assert [r.counters.num_steps for r in sim.values()] == [8, 2, 6, 9]
+    # The first request's first block: 10 positions over 4 steps, remainder first.
+    assert [h["0"] for h in real_history[:4]] == [17, 14, 12, 10]
