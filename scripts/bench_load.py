@@ -12,7 +12,13 @@ pages) on one device:
   the refresh bound derived from the latency profile (``refresh_bound="auto"``);
 - ``adaptive_unbounded``: the same controller with refreshes batched without a bound (the
   phase-mixed batching ablation). The fixed modes also batch refreshes without a bound (only
-  the step's token budget), as the published baselines do.
+  the step's token budget), as the published baselines do;
+- ``block_phase_mixed``: whole blocks with the "auto" refresh bound (opt-in, ``--modes``).
+
+``--steps-per-block N`` runs LLaDA's fixed-steps schedule instead of the threshold (block / N
+tokens decided per step: #9's dLLM-Serve comparison at 4 tokens per step is ``--steps-per-block 8``);
+the decisions then follow the schedule, not the acceptance profile, and only ``block`` and
+``block_phase_mixed`` apply (the schedule queries the whole block).
 
 Loads: closed-loop concurrency (``--concurrency``: c clients, each sending its next request
 when the previous one finishes) and open-loop Poisson arrivals (``--rates`` requests/s, or
@@ -73,7 +79,10 @@ MODES = {  # name: (chunk control, fixed chunk or None, refresh bound)
     "ar1": ("fixed", 1, "unbounded"),
     "adaptive": ("adaptive", None, "auto"),
     "adaptive_unbounded": ("adaptive", None, "unbounded"),
+    "block_phase_mixed": ("fixed", None, "auto"),
 }
+# LLaDA's fixed-steps schedule queries the whole block each step: no chunking to compare.
+STEPS_MODES = ("block", "block_phase_mixed")
 
 
 class AcceptanceRunner:
@@ -94,7 +103,10 @@ class AcceptanceRunner:
         decisions = {}
         for item in plan.items:
             r = item.request
-            k = self.acceptance.draw(self.rng, r.threshold, len(item.query_positions))
+            if r.params.steps is not None:  # the schedule sets the count
+                k = r.scheduled_commits(len(item.query_positions))
+            else:
+                k = self.acceptance.draw(self.rng, r.threshold, len(item.query_positions))
             decisions[r.request_id] = Decision(item.query_positions[:k], (self.token_id,) * k)
         rows = sum(len(i.query_positions) for i in plan.items)
         predicted = self.memory.step_bytes(plan.num_tokens, rows, len(plan.items),
@@ -135,7 +147,9 @@ def run_point(model, args, mode: str, load: dict, acceptance: AcceptanceProfile,
     token_id = min(spec.mask_token_id, spec.eos_token_id) - 1
     runner = AcceptanceRunner(engine.runner, acceptance, token_id, memory, seed)
     engine.runner = runner
-    params = SamplingParams(max_tokens=args.max_tokens, block_size=args.block, threshold=args.threshold,
+    steps = args.steps_per_block * -(-args.max_tokens // args.block) if args.steps_per_block else None
+    params = SamplingParams(max_tokens=args.max_tokens, block_size=args.block,
+                            threshold=None if steps else args.threshold, steps=steps,
                             chunk_size=chunk, cache=default_cache(spec.causal_block_size), min_chunk=1,
                             max_chunk=None, kv_retention=args.kv_retention)
     gen = torch.Generator().manual_seed(seed)
@@ -243,14 +257,19 @@ def load_label(load: dict) -> str:
 def markdown(result: dict) -> str:
     s = result["settings"]
     sparse = "" if s.get("kv_retention") is None else f" with sparse KV (retention {s['kv_retention']:g})"
+    steps = s.get("steps_per_block")
+    weights = ("trained weights" if not result["random_weights"] else "random weights: the positions a step commits "
+               + ("follow the fixed-steps schedule" if steps else "are drawn from the acceptance profile"))
+    decoding = (f"fixed steps ({steps} a block: {s['block'] / steps:g} tokens decided per step, set by the "
+                "schedule, not drawn)" if steps else f"threshold {s['threshold']}")
     lines = [
         f"# Load benchmark on {result['device']} ({result['date']})", "",
-        f"Model: {result['model']} ({'random weights: tokens decided per step drawn from the acceptance profile' if result['random_weights'] else 'trained weights'}). "
+        f"Model: {result['model']} ({weights}). "
         f"Acceptance profile: `{result['acceptance_profile']}` (measured on {result['acceptance_model']}). "
         f"Latency profile: `{result['latency_profile']}` (held-out error: median "
         f"{result['latency_holdout'].get('median_rel_error', float('nan')):.1%}, max {result['latency_holdout'].get('max_rel_error', float('nan')):.1%}).",
         "",
-        f"Workload: prompt {s['prompt_len']}, {s['max_tokens']} generated, block {s['block']}, threshold {s['threshold']}, "
+        f"Workload: prompt {s['prompt_len']}, {s['max_tokens']} generated, block {s['block']}, {decoding}, "
         f"{result.get('cache', 'dual')} cache{sparse}; {s['duration_s']} s per point (first {s['warmup_s']} s not counted in tokens/s); "
         f"max batch tokens {s['max_batch_tokens']}. Refresh bound ('auto', slowdown {s['refresh_slowdown']}): "
         f"the larger of the slowdown term (at a reuse batch of 64 x block: "
@@ -333,7 +352,9 @@ def main() -> None:
     parser.add_argument("--out", default="docs/benchmarks")
     parser.add_argument("--smoke", action="store_true", help="CPU-sized: tiny model, short points (< 1 minute)")
     parser.add_argument("--shape", default=None, choices=sorted(SHAPES), help="default: llada-8b on CUDA, tiny otherwise")
-    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--modes", default=None,
+                        help=f"comma-separated, of {', '.join(MODES)} (default: all but block_phase_mixed; "
+                             f"with --steps-per-block: {', '.join(STEPS_MODES)})")
     parser.add_argument("--concurrency", default="1,4,16,64,256")
     parser.add_argument("--rates", default="auto", help="Poisson requests/s, comma-separated; 'auto': fractions "
                         "0.3,0.6,0.9 of the highest closed-loop request rate; '' for none")
@@ -341,6 +362,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--block", type=int, default=32)
     parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--steps-per-block", type=int, default=None,
+                        help="LLaDA's fixed-steps schedule (block / N tokens a step) instead of the threshold; "
+                             f"modes {', '.join(STEPS_MODES)} only")
     parser.add_argument("--duration-s", type=float, default=20.0, help="per load point")
     parser.add_argument("--warmup-s", type=float, default=3.0, help="not counted in tokens/s")
     parser.add_argument("--deadline-s", type=float, default=None, help="per-request deadline after arrival")
@@ -358,6 +382,18 @@ def main() -> None:
     parser.add_argument("--sparse-scratch-tokens", type=int, default=0,
                         help="with --kv-retention: scratch slots so that prompts hold no pages")
     args = parser.parse_args()
+    if args.modes is None:
+        args.modes = ",".join(STEPS_MODES if args.steps_per_block else (m for m in MODES if m != "block_phase_mixed"))
+    unknown = [m for m in args.modes.split(",") if m and m not in MODES]
+    if unknown:
+        parser.error(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
+    if args.steps_per_block is not None:
+        if args.steps_per_block < 1:
+            parser.error(f"--steps-per-block must be >= 1, got {args.steps_per_block}")
+        other = [m for m in args.modes.split(",") if m and m not in STEPS_MODES]
+        if other:
+            parser.error(f"with --steps-per-block only {', '.join(STEPS_MODES)} apply (the schedule queries the "
+                         f"whole block); not {', '.join(other)}")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if args.smoke:
         args.prompt_len, args.max_tokens, args.duration_s, args.warmup_s = 16, 64, 1.0, 0.2
@@ -374,6 +410,9 @@ def main() -> None:
     model = build_model(SHAPES[shape_name], device)
     if model.spec.causal_block_size:  # block-causal (SDAR): the model's own block, exact cache
         args.block = model.spec.causal_block_size
+    if args.steps_per_block is not None and args.steps_per_block > args.block:
+        raise SystemExit(f"--steps-per-block {args.steps_per_block} exceeds the block ({args.block}): "
+                         "some steps would decide nothing")
     acceptance = AcceptanceProfile.load(args.acceptance)
 
     def log(msg: str) -> None:
@@ -401,7 +440,8 @@ def main() -> None:
     date = datetime.date.today().isoformat()
     slug = "".join(ch if ch.isalnum() else "_" for ch in device_name.lower()).strip("_")
     sparse = f"_kv{args.kv_retention:g}" if args.kv_retention is not None else ""
-    stem = out / f"load_{slug}_{date}{sparse}{'_smoke' if args.smoke else ''}"
+    fixed = f"_steps{args.steps_per_block}" if args.steps_per_block else ""
+    stem = out / f"load_{slug}_{date}{sparse}{fixed}{'_smoke' if args.smoke else ''}"
     result = {
         "benchmark": "bench_load", "date": date, "device": device_name, "model": args.model_name,
         "random_weights": True, "cache": default_cache(spec.causal_block_size),
@@ -422,7 +462,7 @@ def main() -> None:
     modes = [m for m in args.modes.split(",") if m and (MODES[m][1] is None or MODES[m][1] < args.block)]
     # Warm-up (kernel compilation, allocator) outside the timed points.
     warm = argparse.Namespace(**{**vars(args), "duration_s": min(2.0, args.duration_s / 2), "warmup_s": 0.0})
-    for mode in ("block", "adaptive"):
+    for mode in ("block",) if args.steps_per_block else ("block", "adaptive"):
         run_point(model, warm, mode, {"kind": "closed", "concurrency": 2}, acceptance, str(latency_path), num_pages, 0)
     log("warm-up done")
     loads = [{"kind": "closed", "concurrency": c} for c in concurrencies]

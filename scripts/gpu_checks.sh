@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks and benchmarks in one go, for a lent GPU machine (see docs/benchmarks/README.md).
 #   OUT=dir bash scripts/gpu_checks.sh tests,smoke,numerics,fused,engine,block,profile,load
+#   OUT=dir bash scripts/gpu_checks.sh load-steps      # #9's 4-tokens-per-step workload: block vs block_phase_mixed
 #   OUT=dir bash scripts/gpu_checks.sh sparse          # #14: long-context reuse steps, dense vs kv_retention 0.5 (H200: batch 32 x 4096 needs ~96 GiB of KV)
 #   OUT=dir bash scripts/gpu_checks.sh sdar-profile,sdar-load   # #12: the block-causal (SDAR-8B shape) case
 #   OUT=dir bash scripts/gpu_checks.sh tp,tp-profile   # #10: needs 2 GPUs (tp-serve also needs Ray's wheels)
@@ -33,6 +34,9 @@ part engine python3 scripts/bench_engine.py --out "$OUT" --budget-s "${ENGINE_BU
 part block python3 scripts/bench_block_diffusion.py --out "$OUT"
 part profile python3 -m dilaserve.cli profile latency --shape llada-8b --device cuda --out "$OUT/profiles"
 part load python3 scripts/bench_load.py --out "$OUT/load" --concurrency 1,16,64,256 --rates '' --duration-s 12 --budget-s "${LOAD_BUDGET_S:-400}"
+# #9 at 4 tokens per step (fixed steps): throughput at c=64 vs dLLM-Serve, and phase-mixed vs unbounded refreshes
+part load-steps python3 scripts/bench_load.py --out "$OUT/load-steps" --steps-per-block 8 --concurrency 1,16,64,256 \
+  --rates auto --duration-s 20 --budget-s "${LOAD_STEPS_BUDGET_S:-420}"
 part sdar-profile python3 -m dilaserve.cli profile latency --shape sdar-8b --device cuda --batch-sizes 1,8,32,64 \
   --chunks 1,2,4 --block-size 4 --contexts 512,1024 --out "$OUT/profiles-sdar"
 part sdar-load python3 scripts/bench_load.py --shape sdar-8b --out "$OUT/load-sdar" --concurrency 1,16,64 --rates '' \

@@ -29,3 +29,29 @@ def test_bench_load_smoke(tmp_path):
     md = path.with_suffix(".md").read_text()
     assert "| adaptive |" in md and "acceptance" in md.lower()
     assert path.with_name(path.stem + "_chunks.png").stat().st_size > 0
+
+
+def test_bench_load_fixed_steps(tmp_path):
+    """``--steps-per-block 8``: #9's 4-tokens-per-step workload, whole blocks with and without
+    the phase-mixed refresh bound; every step commits what the schedule sets (block 32 / 8)."""
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_load.py"), "--smoke", "--steps-per-block", "8",
+                             "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    [path] = tmp_path.glob("load_*_steps8_smoke.json")
+    report = json.loads(path.read_text())
+    rows = report["rows"]
+    closed = {(r["mode"], r["load"]["concurrency"]) for r in rows if r["load"]["kind"] == "closed"}
+    assert closed == {(m, c) for m in ("block", "block_phase_mixed") for c in (1, 8)}
+    assert {r["mode"] for r in rows if r["load"]["kind"] == "poisson"} == {"block", "block_phase_mixed"}
+    for r in rows:
+        assert "error" not in r and "skipped" not in r, r
+        assert r["decided_per_request_step"] == 4.0 and r["mean_chunk"] == 32, r
+    assert "fixed steps (8 a block: 4 tokens decided per step" in path.with_suffix(".md").read_text()
+
+
+def test_bench_load_refuses_chunk_modes_with_fixed_steps(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_load.py"), "--smoke", "--steps-per-block", "8",
+                             "--modes", "block,chunk8", "--out", str(tmp_path)], capture_output=True, text=True,
+                            cwd=ROOT, timeout=600)
+    assert result.returncode == 2 and "only block, block_phase_mixed apply" in result.stderr, result.stderr
+    assert not list(tmp_path.glob("load_*"))
