@@ -21,8 +21,13 @@ def main() -> None:
     client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=0)
     model = client.models.list().data[0].id
 
+    # The embedded model answers arithmetic word problems in LLaDA's chat format; completions
+    # send raw text, so the prompt carries that format (the chat endpoint applies it for you).
+    question = "Sam has 17 stamps. He gives away 8. He loses 2. How many stamps does Sam have now?"
+    prompt = (f"<|startoftext|><|start_header_id|>user<|end_header_id|>\n\n{question}<|eot_id|>"
+              "<|start_header_id|>assistant<|end_header_id|>\n\n")
     completion = client.completions.create(
-        model=model, prompt="12+30=", max_tokens=32,
+        model=model, prompt=prompt, max_tokens=32,
         extra_body={"threshold": 0.9, "block_length": 32, "deadline_ms": 2000},
     )
     print("completion:", repr(completion.choices[0].text), completion.usage)
@@ -31,7 +36,8 @@ def main() -> None:
 
     print("chat stream: ", end="")
     for chunk in client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "What is 7*6?"}], max_tokens=32, stream=True,
+        model=model, max_tokens=32, stream=True,
+        messages=[{"role": "user", "content": "Leo has 5 shells. He finds 9 more. He loses 3. How many shells does Leo have now?"}],
     ):
         if chunk.choices:
             print(chunk.choices[0].delta.content or "", end="", flush=True)

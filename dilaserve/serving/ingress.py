@@ -337,8 +337,11 @@ class OpenAIIngress:
             m.threshold.observe(last.threshold, tags)
         if last.num_steps:
             m.tokens_per_step.observe(last.num_tokens_decided / last.num_steps, tags)
-        m.generated_tokens.inc(progress.num_completion_tokens, tags)
-        m.prompt_tokens.inc(progress.num_prompt_tokens, tags)
+        # Ray's counters refuse inc(0), and a completion may end at once (end of text first).
+        if progress.num_completion_tokens:
+            m.generated_tokens.inc(progress.num_completion_tokens, tags)
+        if progress.num_prompt_tokens:
+            m.prompt_tokens.inc(progress.num_prompt_tokens, tags)
 
     # -- operations -------------------------------------------------------------------------------
     @app.get("/health")

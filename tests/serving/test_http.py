@@ -319,3 +319,64 @@ def test_stop_string_ends_the_text_before_it_and_frees_the_request(client):
     events = stream(client, "/v1/completions", {**body, "stop": stop})
     assert "".join(e["choices"][0]["text"] for e in events[:-1]) == expected
     assert wait_for(lambda: all_idle(client), 5.0)
+
+
+
+@pytest.fixture(scope="module")
+def embedded(served):
+    """The embedded model (what ``dilaserve serve`` serves by default) beside the test app."""
+    from ray import serve
+
+    from dilaserve.models.store import EMBEDDED_MODELS_DIR
+    from dilaserve.serving.app import build_app
+    from dilaserve.serving.config import parse_config
+
+    name = "dilaserve-tiny-arith"
+    config = parse_config({
+        "app_name": "embedded",
+        "models": [{"name": name, "path": str(EMBEDDED_MODELS_DIR / name)}],
+        "variants": [{"name": "cpu", "model": name, "num_replicas": 1, "num_cpus_per_replica": 0.25,
+                      "engine": {"kv_memory_gib": 0.05}}],
+        "http": {"host": "127.0.0.1", "port": 8000, "ingress_num_cpus": 0.1},
+    }, "embedded test config")
+    serve.run(build_app(config), name="embedded", route_prefix="/embedded")
+    try:
+        with httpx.Client(base_url=f"{served.url}/embedded", timeout=60) as c:
+            yield c, name
+    finally:
+        serve.delete("embedded")
+
+
+def test_a_completion_with_no_tokens_is_answered(embedded):
+    """The embedded model ends a prompt outside its chat format at once: a 200 with empty text
+    and zero completion tokens, streamed or not (Ray's counters refuse inc(0), which made the
+    README's first request a 500)."""
+    client, name = embedded
+    body = {"model": name, "prompt": "12+30=", "max_tokens": 16}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["usage"]["completion_tokens"] == 0, f"the embedded model now answers {body['prompt']!r}: {out}"
+    assert out["choices"][0]["text"] == "" and out["choices"][0]["finish_reason"] == "stop"
+    events = stream(client, "/v1/completions", body)
+    assert events[-1] == "[DONE]" and [e["choices"][0]["text"] for e in events[:-1]] == [""]
+    chat = client.post("/v1/chat/completions", json={"model": name, "max_tokens": 16,
+                                                     "messages": [{"role": "user", "content": "What is 12+30?"}]})
+    assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] > 0, chat.text
+
+
+def test_the_openai_client_example_runs_against_the_embedded_model(embedded, served):
+    """``examples/openai_client.py`` as the README points users to it: the embedded model
+    solves its completion and chat problems, and the impossible deadline is refused."""
+    pytest.importorskip("openai")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "examples" / "openai_client.py"
+    run = subprocess.run([sys.executable, str(script), "--base-url", f"{served.url}/embedded/v1"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("completion:") and "#### 7" in lines[0], run.stdout
+    assert "#### 11" in run.stdout and "refused:" in run.stdout and "best effort: stop" in run.stdout, run.stdout
