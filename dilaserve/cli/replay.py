@@ -161,7 +161,7 @@ def _raise_open_file_limit(wanted: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dilaserve.replay.client import ReplayConfig, calibrate_baseline, replay
+    from dilaserve.replay.client import ReplayConfig, calibrate_baseline, check_endpoint, replay
     from dilaserve.replay.metrics import compute_metrics
     from dilaserve.replay.prompts import approx_token_count, make_prompt_builder, tokenizer_counter
     from dilaserve.replay.records import load_records, save_records
@@ -187,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
         send_deadline=not args.no_deadline_field, max_in_flight=args.max_in_flight, request_timeout_s=args.timeout,
         temperature=args.temperature, extra_body=args.extra_body, show_progress=not args.no_progress, seed=args.seed,
     )
+    check_endpoint(config)
     baseline = None
     if args.calibrate > 0:
         baseline = asyncio.run(calibrate_baseline(config, builder, _calibration_shapes(trace, args.calibrate)))

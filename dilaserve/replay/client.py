@@ -29,7 +29,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import httpx
 
-from dilaserve.errors import DiLaServeError
+from dilaserve.errors import DiLaServeError, InvalidRequestError
 from dilaserve.replay.prompts import PromptBuilder, Scorer
 from dilaserve.replay.records import RequestRecord, Status
 from dilaserve.replay.slo import BaselineLatency, LinearLatency, deadline_s, fit_linear_latency
@@ -246,6 +246,20 @@ def _make_client(config: ReplayConfig) -> httpx.AsyncClient:
     limits = httpx.Limits(max_connections=config.max_in_flight, max_keepalive_connections=config.max_in_flight)
     timeout = httpx.Timeout(config.request_timeout_s, connect=config.connect_timeout_s, pool=None)
     return httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False)
+
+
+def check_endpoint(config: ReplayConfig) -> None:
+    """Fails at once (``InvalidRequestError``) where ``config.endpoint`` is no URL or nothing
+    accepts a connection there, instead of recording every request of the trace as an error.
+    Any HTTP answer, even an error status, counts as reachable."""
+    try:
+        with httpx.Client(trust_env=False, timeout=httpx.Timeout(30.0, connect=config.connect_timeout_s)) as client:
+            client.get(config.base_url + "/v1/models")
+    except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
+        raise InvalidRequestError(f"--endpoint {config.endpoint!r} is not an http(s) URL: {exc}") from None
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        raise InvalidRequestError(f"cannot connect to --endpoint {config.endpoint} ({exc}); is the server "
+                                  "running there?") from None
 
 
 async def resolve_model(config: ReplayConfig, client: httpx.AsyncClient) -> str:

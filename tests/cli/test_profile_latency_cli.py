@@ -49,3 +49,17 @@ def test_a_grid_whose_kv_cache_does_not_fit_is_refused_with_a_reason():
     assert kv_does_not_fit(grid, 16, page, free_bytes=120 * gib) is None  # an H200 holds it
     assert kv_does_not_fit(Grid(batch_sizes=(1, 8), contexts=(2048, 4096), kv_retention=0.5), 16, page,
                            free_bytes=62 * gib) is None  # batch 8 fits the H100
+
+
+def test_grid_lists_must_be_positive_integers(capsys):
+    """A zero or a word in a grid list is an argument error (exit 2), not a traceback from the
+    page allocator once the model has loaded."""
+    import pytest
+
+    for flag, value, says in (("--batch-sizes", "0", ">= 1"), ("--chunks", "4,x", "integers"),
+                              ("--contexts", ",", ">= 1"), ("--tensor-parallel", "-2", ">= 1")):
+        with pytest.raises(SystemExit) as exc:
+            main(["profile", "latency", "--device", "cpu", flag, value])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument {flag}" in err and says in err, err

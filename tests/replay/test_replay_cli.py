@@ -90,3 +90,19 @@ def test_bad_task_and_tokenizer_are_user_errors(tmp_path):
         replay_cli.run(parse([*base, "--task", "poetry"]))
     with pytest.raises(InvalidRequestError, match="--tokenizer"):
         replay_cli.run(parse([*base, "--tokenizer", str(tmp_path)]))
+
+
+@pytest.mark.parametrize("endpoint, says", [("notaurl", r"not an http\(s\) URL"), (None, "cannot connect")])
+def test_an_endpoint_nothing_answers_fails_before_the_replay(tmp_path, endpoint, says):
+    """A wrong --endpoint ends at once with the reason, not after the trace's length of errors."""
+    import socket
+
+    if endpoint is None:  # a port nothing listens on
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            endpoint = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    out = tmp_path / "records.jsonl"
+    args = parse(["--trace", str(SAMPLE), "--endpoint", endpoint, "--out", str(out), "--no-progress"])
+    with pytest.raises(InvalidRequestError, match=says):
+        replay_cli.run(args)
+    assert not out.exists()
