@@ -167,11 +167,36 @@ class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
+    # Fields client libraries send with their defaults: accepted at neutral values, refused with
+    # a reason otherwise (not as unknown fields).
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # meaningless without tools
+    modalities: list[str] | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None  # tags for stored completions; nothing is stored
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None  # a cache hint; ignored
+    safety_identifier: str | None = None  # an end-user id, like ``user``; ignored
 
     @model_validator(mode="after")
     def _chat_unsupported(self):
-        if self.logprobs:
+        if self.logprobs or self.top_logprobs:
             raise ValueError("logprobs are not supported")
+        if self.response_format not in (None, {"type": "text"}):
+            raise ValueError("response_format: only {\"type\": \"text\"} is supported")
+        if self.tools:
+            raise ValueError("tools are not supported")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise ValueError("tool_choice: tools are not supported (only \"none\" or \"auto\" without tools)")
+        if self.modalities not in (None, ["text"]):
+            raise ValueError("modalities: only [\"text\"] is supported")
+        if self.store:
+            raise ValueError("store is not supported: completions are not stored")
+        if self.service_tier not in (None, "auto", "default"):
+            raise ValueError("service_tier: only \"auto\" or \"default\"")
         return self
 
     def requested_max_tokens(self) -> int | None:

@@ -148,3 +148,30 @@ def test_sparse_kv_field():
     assert to_sampling_params(completion(), sparse, max_tokens=32).kv_retention == 0.5
     assert to_sampling_params(completion(kv_retention=0.75), sparse, max_tokens=32).kv_retention == 0.75
     assert to_sampling_params(completion(cache="prefix"), sparse, max_tokens=32).kv_retention is None
+
+
+def chat(**fields) -> dict:
+    return {"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}
+
+
+def test_chat_fields_clients_send_by_default_are_accepted_at_neutral_values():
+    """What client libraries put in every body (tool lists left empty, text output, no storing)
+    must not be a 400; the same fields asking for something DiLaServe does not do are refused
+    with a reason, not as unknown fields."""
+    neutral = dict(response_format={"type": "text"}, tools=[], tool_choice="none", parallel_tool_calls=False,
+                   top_logprobs=0, logprobs=False, modalities=["text"], store=False, metadata={"team": "a"},
+                   service_tier="auto", prompt_cache_key="k", safety_identifier="u1", user="u1")
+    req = parse_body(ChatCompletionRequest, json.dumps(chat(**neutral)).encode())
+    assert req.messages[0].text() == "hi"
+    for fields, says in [
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools are not supported"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"top_logprobs": 3}, "logprobs are not supported"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"store": True}, "store is not supported"),
+        ({"service_tier": "flex"}, "service_tier"),
+        ({"metadata": {"a": 1}}, "metadata"),
+    ]:
+        error = bad(ChatCompletionRequest, chat(**fields))
+        assert says in error.message, (fields, error.message)
