@@ -47,9 +47,16 @@ def run(args: argparse.Namespace) -> int:
         for model in config.models:  # locally, build a missing default model once, here, not in every worker
             resolve_model_dir(model)
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):  # also when started in the background (SIGINT ignored)
-        signal.signal(sig, lambda *_: stop.set())
+
+    def stop_on_signals() -> None:  # also when started in the background (SIGINT ignored there)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+
+    stop_on_signals()
     url, started_ray = run_local(config, args.ray_address)
+    # ray.init replaces the SIGTERM handler (the process then died at once, leaving the local Ray
+    # instance and Serve running): ours again, so a stop (systemd, docker, kill) shuts down.
+    stop_on_signals()
     models = ", ".join(m.name for m in config.models)
     auth = "API key required" if config.http.api_key else "no API key required"
     print(f"DiLaServe is serving {models} at {url}/v1 (OpenAI-compatible; {auth}; metrics at {url}/metrics). "

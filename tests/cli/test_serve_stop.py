@@ -1,0 +1,88 @@
+"""``dilaserve serve`` stops cleanly on SIGTERM (systemd, docker stop, kill), as on Ctrl-C.
+
+Ray's ``init`` replaces the process's SIGTERM handler; before the CLI took it back, a SIGTERM
+aborted the process and left the local Ray instance's agents running.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray")
+pytest.importorskip("pydantic")
+
+
+def test_sigterm_stops_the_server_and_its_ray_instance(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = tmp_path / "serve.yaml"
+    config.write_text(f"""app_name: cli-sigterm
+models: [{{name: dilaserve-tiny-arith, path: null}}]
+variants: [{{name: cpu, model: dilaserve-tiny-arith, num_replicas: 1, num_cpus_per_replica: 0.5,
+             engine: {{kv_memory_gib: 0.05}}}}]
+http: {{host: 127.0.0.1, port: {port}, ingress_num_cpus: 0.1}}
+""")
+    log = tmp_path / "serve.log"
+    env = {**os.environ, "RAY_ADDRESS": ""}  # a fresh local instance, not one another test left
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "dilaserve.cli", "serve", "--config", str(config)],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).parents[2])
+    try:
+        deadline = time.monotonic() + 180
+        while "DiLaServe is serving" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        below = _descendants(proc.pid)
+        assert len(below) >= 3, below  # a local Ray instance: GCS, raylet, agents, workers
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert "stopping" in text, text[-3000:]
+    deadline = time.monotonic() + 30  # nothing of that Ray instance is left running
+    while (left := _alive(below)) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not left, left
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Ray's GCS, raylet, agents and workers for a local start)."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(proc.name))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def _alive(pids: list[int]) -> list[str]:
+    left = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if state != "Z":  # a zombie has exited
+            left.append(f"{pid}: {title[:80]}")
+    return left
