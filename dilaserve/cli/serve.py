@@ -15,7 +15,8 @@ API_KEY_ENV = "DILASERVE_API_KEY"
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve models over OpenAI-compatible HTTP on Ray Serve (until Ctrl-C)")
     p.add_argument("--config", help="serving config YAML (default: the embedded default model on one CPU replica)")
-    p.add_argument("--model", help="model directory for the default config (ignored with --config)")
+    p.add_argument("--model", help="model directory to serve on one CPU replica, under the directory's name "
+                   "(ignored with --config)")
     p.add_argument("--host", help="HTTP host (overrides the config; default 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (overrides the config; default 8000)")
     p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),

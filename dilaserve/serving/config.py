@@ -10,6 +10,7 @@ replica at 127.0.0.1:8000.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -291,17 +292,26 @@ def load_config(path: str | Path) -> ServeConfig:
 
 
 def default_config(model_path: str | None = None, host: str | None = None, port: int | None = None) -> ServeConfig:
-    """The embedded default model on one CPU replica (what ``dilaserve serve`` runs bare)."""
+    """One CPU replica of the embedded default model, or of the model in ``model_path``, served
+    under its directory's name (what ``dilaserve serve [--model DIR]`` runs)."""
     http: dict[str, Any] = {}
     if host is not None:
         http["host"] = host
     if port is not None:
         http["port"] = port
+    name = DEFAULT_MODEL_NAME if model_path is None else model_name_for(model_path)
     return parse_config({
-        "models": [{"name": DEFAULT_MODEL_NAME, "path": model_path}],
-        "variants": [{"name": "cpu", "model": DEFAULT_MODEL_NAME, "num_replicas": 1}],
+        "models": [{"name": name, "path": model_path}],
+        "variants": [{"name": "cpu", "model": name, "num_replicas": 1}],
         "http": http,
     }, "default config")
+
+
+def model_name_for(model_path: str) -> str:
+    """The name clients send for a model directory: its last path part, made a valid name."""
+    base = Path(model_path).expanduser().resolve().name
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("._-")[:128]
+    return name or "model"
 
 
 def with_http(config: ServeConfig, host: str | None = None, port: int | None = None,

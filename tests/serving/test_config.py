@@ -36,6 +36,16 @@ def test_default_config_and_overrides():
     config = default_config(port=9001)
     assert (config.http.host, config.http.port) == ("127.0.0.1", 9001)
     assert with_http(config, host="0.0.0.0").http.host == "0.0.0.0"
+    assert [m.name for m in config.models] == ["dilaserve-tiny-arith"]
+
+
+def test_a_model_directory_is_served_under_its_own_name(tmp_path):
+    """``dilaserve serve --model DIR`` named every model after the embedded one."""
+    for directory, name in (("LLaDA-8B-Instruct", "LLaDA-8B-Instruct"), ("my model (v2)", "my-model-v2"),
+                            ("_ckpt", "ckpt")):
+        config = default_config(str(tmp_path / directory))
+        assert [m.name for m in config.models] == [name] and config.variants[0].model == name
+        assert config.models[0].path == str(tmp_path / directory)
 
 
 @pytest.mark.parametrize("data, message", [
