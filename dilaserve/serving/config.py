@@ -128,7 +128,7 @@ class ServeConfig:
 
 # -- the edge: pydantic models of the YAML ----------------------------------------------------
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelSection(_Section):

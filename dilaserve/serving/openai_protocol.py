@@ -38,7 +38,7 @@ def invalid(message: str, param: str | None = None) -> ApiError:
 
 
 class StrictBody(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)  # NaN, Infinity: 400s
 
 
 class StreamOptions(StrictBody):

@@ -92,6 +92,9 @@ def test_chat_messages_and_max_completion_tokens():
     ({"model": "m", "prompt": "x", "presence_penalty": 1.0}, "presence_penalty"),
     ({"model": "m", "prompt": "x", "echo": True}, "echo"),
     ({"model": "m", "prompt": "x", "deadline_ms": -5}, "deadline_ms"),
+    ('{"model": "m", "prompt": "x", "deadline_ms": Infinity}', "deadline_ms: Input should be a finite number"),
+    ('{"model": "m", "prompt": "x", "threshold": NaN}', "threshold: Input should be a finite number"),
+    ('{"model": "m", "prompt": "x", "temperature": -Infinity}', "temperature"),
 ])
 def test_bad_completion_bodies_are_400_naming_the_problem(body, where):
     assert where in bad(CompletionRequest, body).message
