@@ -38,10 +38,11 @@ def run_point(cost: StepCost, acceptance: AcceptanceModel, load: tuple[str, floa
               seed: int) -> dict:
     """One load point: ("closed", c) keeps c requests in flight; ("gamma", rate) arrivals at
     ``rate`` req/s with gaps of coefficient of variation ``--burst-cv`` (bursts: > 1)."""
-    config = EngineConfig(num_pages=1 << 16, page_size=16, max_batch_tokens=1 << 20, max_refresh_tokens=1 << 20,
+    config = EngineConfig(num_pages=1 << 16, page_size=16, max_batch_tokens=args.max_batch_tokens,
+                          max_refresh_tokens=args.max_batch_tokens,
                           max_running=1 << 12, refresh_bound=bound, refresh_slowdown=args.refresh_slowdown)
     replica = StepReplica("sim", ReplicaGroup("sim", cost=cost, engine=config), acceptance, seed)
-    steps = None if args.steps_per_block is None else args.steps_per_block * (args.max_tokens // args.block)
+    steps = None if args.steps_per_block is None else args.steps_per_block * -(-args.max_tokens // args.block)
     params = SamplingParams(max_tokens=args.max_tokens, block_size=args.block, cache="dual",
                             threshold=None if steps else args.threshold, steps=steps)
     arrived: dict[str, float] = {}
@@ -104,6 +105,8 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--steps-per-block", type=int, default=None,
                         help="LLaDA's fixed-steps schedule (block / this many tokens a step) instead of the threshold")
+    parser.add_argument("--max-batch-tokens", type=int, default=1 << 20,
+                        help="the step's token budget (default: unbounded; bench_load uses 16384)")
     parser.add_argument("--refresh-slowdown", type=float, default=1.0)
     parser.add_argument("--duration-s", type=float, default=120.0, help="simulated seconds per point")
     parser.add_argument("--warmup-s", type=float, default=10.0, help="requests finishing earlier are not counted")

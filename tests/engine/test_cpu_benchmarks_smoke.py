@@ -51,6 +51,21 @@ def test_sim_refresh_bound(tmp_path):
         assert r["finished"] > 0 and r["tokens_per_s"] > 0 and r["p99_e2e_s"] >= r["p50_e2e_s"] > 0
 
 
+def test_sim_refresh_bound_fixed_steps(tmp_path):
+    """At 4 tokens a step (LLaDA's schedule) requests admitted together stay in lockstep when
+    refreshes are unbounded: every one takes the same time."""
+    _run("sim_refresh_bound.py", "--steps-per-block", "8", "--concurrency", "4", "--rates", "", "--duration-s", "30",
+         "--warmup-s", "5", "--seeds", "1", "--max-tokens", "64", "--max-batch-tokens", "4096", "--out", str(tmp_path))
+    [path] = tmp_path.glob("sim_refresh_bound_steps8_*.json")
+    report = json.loads(path.read_text())
+    assert report["tokens_per_step"] == 4 and report["settings"]["max_batch_tokens"] == 4096
+    unbounded, auto = report["rows"]
+    assert unbounded["refresh_bound"] == "fixed" and unbounded["p50_e2e_s"] > 0
+    assert unbounded["p99_e2e_s"] == pytest.approx(unbounded["p50_e2e_s"], rel=1e-9)
+    assert auto["refresh_bound"] == "auto" and auto["tokens_per_s"] > 0
+    assert "fixed steps, 4 tokens decided per step" in path.with_suffix(".md").read_text()
+
+
 def test_bench_sim_cluster(tmp_path):
     """Issue 13's simulated evaluation end to end, on a small synthetic trace in the Azure format."""
     from dilaserve.replay.loaders import write_azure_csv
