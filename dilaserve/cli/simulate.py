@@ -81,6 +81,7 @@ def add_parser(sub) -> None:
     g.add_argument("--out", required=True, help="records, one JSON object per request and line")
     g.add_argument("--system", help="name in records and tables (default: sim-<policy>)")
     g.add_argument("--report-dir", help="write report.md and PNG plots here")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(run=run)
 
 
@@ -204,6 +205,8 @@ def idle_latency(cluster, acceptance, threshold: float):
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from tqdm.auto import tqdm
+
     from dilaserve.replay.metrics import compute_metrics
     from dilaserve.replay.records import save_records
     from dilaserve.replay.report import metrics_table, write_report
@@ -228,13 +231,20 @@ def run(args: argparse.Namespace) -> int:
     print(f"simulating {len(trace)} requests over {trace.span_s:.1f} s ({trace.mean_rate_rps:.1f} req/s) on "
           f"{cluster.num_replicas} replicas, {args.fidelity} fidelity", file=sys.stderr)
     start, start_cpu = time.perf_counter(), time.process_time()
+    bar = tqdm(total=len(trace), unit="req", desc="simulated arrivals", disable=args.no_progress, file=sys.stderr)
+
+    def progress(done: int) -> None:
+        bar.update(done - bar.n)
+
     if control is None:
-        records = simulate(trace, cluster, policies)
+        records = simulate(trace, cluster, policies, progress=progress)
+        bar.close()
     else:
         from dilaserve.sim.controlled import simulate_controlled
 
         policies = dataclasses.replace(policies, baseline=idle_latency(cluster, acceptance, args.threshold or 0.9))
-        controlled = simulate_controlled(trace, cluster, policies, control)
+        controlled = simulate_controlled(trace, cluster, policies, control, progress=progress)
+        bar.close()
         records = controlled.records
         for tick in controlled.ticks:
             if tick.actions:

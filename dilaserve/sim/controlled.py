@@ -34,7 +34,7 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -272,7 +272,7 @@ class SimulatedCluster:
 
 
 def simulate_controlled(trace: Trace | Workload, cluster: ClusterConfig, policies: SimPolicies,
-                        control: ControlSetup) -> ControlledRun:
+                        control: ControlSetup, progress: Callable[[int], None] | None = None) -> ControlledRun:
     """Replays ``trace`` on ``cluster`` (its initial replicas) while the controller re-plans and
     reconfigures it on the simulated clock; records as ``simulate`` writes them, each with the
     threshold its request ran at."""
@@ -287,6 +287,8 @@ def simulate_controlled(trace: Trace | Workload, cluster: ClusterConfig, policie
         controller.tick()
         ticks.append(controller.history[-1])
         sim.run_until(sim.now + tick_s)
+        if progress is not None:
+            progress(replay.num_arrived)
     replay.finish()
     threshold_used = replay.engines.threshold_used.tolist()
     records = replay.records([threshold_used[i] if r >= 0 else None for i, r in enumerate(replay.replica_of)])

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -27,6 +27,8 @@ from dilaserve.sim.fast_cluster import FastCluster
 from dilaserve.sim.ingress import NO_TARGETS, SimIngress
 from dilaserve.sim.step_replica import StepCluster
 from dilaserve.sim.workload import Workload
+
+PROGRESS_EVERY = 1000  # arrivals between progress reports
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +98,17 @@ class Replay:
                         threshold_of)
 
 
-def simulate(trace: Trace | Workload, cluster: ClusterConfig,
-             policies: SimPolicies = SimPolicies()) -> list[RequestRecord]:
+def simulate(trace: Trace | Workload, cluster: ClusterConfig, policies: SimPolicies = SimPolicies(),
+             progress: Callable[[int], None] | None = None) -> list[RequestRecord]:
     """Replays ``trace`` open-loop on the simulated ``cluster``; one record per request, in
-    trace order, with times in seconds of the trace's clock."""
+    trace order, with times in seconds of the trace's clock. ``progress`` hears the number of
+    arrivals handled, every ``PROGRESS_EVERY`` and at the end."""
     workload = trace if isinstance(trace, Workload) else Workload.from_trace(trace)
     replay = Replay(workload, cluster, policies)
-    for _ in range(len(workload)):
+    for i in range(1, len(workload) + 1):
         replay.arrive()
+        if progress is not None and (i % PROGRESS_EVERY == 0 or i == len(workload)):
+            progress(i)
     replay.finish()
     thresholds = [_threshold(group, policies) for _, group in cluster.replicas()]
     return replay.records([thresholds[r] if r >= 0 else None for r in replay.replica_of])

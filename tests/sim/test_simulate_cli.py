@@ -30,7 +30,9 @@ def test_synthetic_trace_to_records_and_table(tmp_path, capsys, fidelity):
     assert len(records) == 400 and {r.system for r in records} == {"sim-power_of_two"}
     assert any(r.status is Status.REFUSED for r in records)  # 300 req/s overloads two replicas
     assert {r.threshold_used for r in records if r.status is Status.OK} == {0.8}
-    assert "SLO attainment" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "SLO attainment" in captured.out
+    assert "simulated arrivals" in captured.err and "400/400" in captured.err  # the progress bar, complete
     assert (tmp_path / "report" / "report.md").exists()
 
 
@@ -57,4 +59,11 @@ def test_controller_on_a_load_step(tmp_path, capsys):
                 "--out", str(out)]) == 0
     records = load_records(out)
     assert records and all(r.status in (Status.OK, Status.REFUSED) for r in records)
-    assert "reconfigurations" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "reconfigurations" in err and f"{len(records)}/{len(records)}" in err
+
+
+def test_no_progress_leaves_stderr_without_a_bar(tmp_path, capsys):
+    assert run(["--synthetic", "poisson:50:100", "--replicas", "2", "--no-progress",
+                "--out", str(tmp_path / "sim.jsonl")]) == 0
+    assert "simulated arrivals" not in capsys.readouterr().err
