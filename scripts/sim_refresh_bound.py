@@ -32,6 +32,7 @@ from dilaserve.sim.config import ReplicaGroup
 from dilaserve.sim.step_replica import MASK_ID, StepReplica
 
 ROOT = Path(__file__).resolve().parents[1]
+UNBOUNDED_TOKENS = 1 << 20  # the default step budget: no step is ever cut by it
 
 
 def run_point(cost: StepCost, acceptance: AcceptanceModel, load: tuple[str, float], bound: str, args,
@@ -105,7 +106,7 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--steps-per-block", type=int, default=None,
                         help="LLaDA's fixed-steps schedule (block / this many tokens a step) instead of the threshold")
-    parser.add_argument("--max-batch-tokens", type=int, default=1 << 20,
+    parser.add_argument("--max-batch-tokens", type=int, default=UNBOUNDED_TOKENS,
                         help="the step's token budget (default: unbounded; bench_load uses 16384)")
     parser.add_argument("--refresh-slowdown", type=float, default=1.0)
     parser.add_argument("--duration-s", type=float, default=120.0, help="simulated seconds per point")
@@ -149,6 +150,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     what = f"steps{args.steps_per_block}" if args.steps_per_block else Path(args.quality).stem
+    if args.max_batch_tokens != UNBOUNDED_TOKENS:
+        what += f"_budget{args.max_batch_tokens}"
     stem = f"sim_refresh_bound_{what}_{result['date']}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     (out / f"{stem}.md").write_text(table + "\n")
