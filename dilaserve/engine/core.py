@@ -254,8 +254,9 @@ class EngineCore:
 
     @property
     def is_calibrated(self) -> bool:
-        """Whether step costs are priced from this engine's own steps (else from its prior)."""
-        return self.cost.num_observed >= CALIBRATION_STEPS
+        """Whether step costs are priced from measurements: a latency profile's, or this
+        engine's own steps (else from its prior)."""
+        return self.cost.measured or self.cost.num_observed >= CALIBRATION_STEPS
 
     def predict_latency_s(self, prompt_len: int, params: SamplingParams, threshold: float | None = None) -> float:
         """Predicted seconds for such a request alone on an idle engine."""

@@ -95,6 +95,8 @@ class StepCost:
 class OnlineCostModel:
     """Refits ``StepCost`` from recent (tokens, context, seconds) observations."""
 
+    measured = False  # starts from a prior: calibrated only after enough of its own steps
+
     def __init__(self, prior: StepCost | None = None, window: int = 512, refit_every: int = 16):
         self.cost = prior or StepCost()
         self._obs: deque[tuple[int, int, float]] = deque(maxlen=window)

@@ -163,12 +163,16 @@ class ProfiledCost:
     not refitted online (the online fit has only three terms and would drop the others). It
     keeps the recent relative error of its predictions, for reports."""
 
+    measured = True  # priced from measurements from the first step (no calibration wait)
+
     def __init__(self, cost: StepCost, window: int = 256):
         self.cost = cost
         self._errors: list[float] = []
         self._window = window
+        self.num_observed = 0
 
     def observe(self, tokens: int, context_tokens: int, seconds: float) -> None:
+        self.num_observed += 1
         if seconds > 0:
             self._errors.append(abs(self.cost.step_s(tokens, context_tokens) - seconds) / seconds)
             del self._errors[:-self._window]
