@@ -136,10 +136,19 @@ class AdaptiveChunk:
         self.estimator.observe(request, min(chunk, masked_before), num_decided)
 
     # -- choosing -------------------------------------------------------------------------------
-    def _options(self, request: Request) -> list[_Option]:
+    @staticmethod
+    def _state(request: Request, masked: list[int], is_refresh: bool) -> tuple:
+        """Everything ``_options`` reads from a request: requests in one state share options
+        (in a closed loop at high load most of the batch is in a handful of states)."""
+        return (DecidedEstimator.request_class(request), request.params.chunk_bounds, request.params.cache,
+                tuple(masked), is_refresh, request.seq_len, request.block_start, request.block_end,
+                request.dirty_until, request.cached_until)
+
+    def _options(self, request: Request, masked: list[int] | None = None,
+                 is_refresh: bool | None = None) -> list[_Option]:
         lo, hi = request.params.chunk_bounds
-        masked = request.masked_in_block()
-        is_refresh = needs_refresh(request)
+        masked = request.masked_in_block() if masked is None else masked
+        is_refresh = needs_refresh(request) if is_refresh is None else is_refresh
         chunks = sorted({c for c in self.candidates if lo <= c <= hi} | {lo, hi})
         options, seen = [], set()
         sizes = [max(1, min(c, len(masked))) for c in chunks]
@@ -160,29 +169,55 @@ class AdaptiveChunk:
         if not requests:
             return {}
         cost, now = self.cost(), self.clock()
-        options = [self._options(r) for r in requests]
+        # Options once per distinct request state (this runs on the host before every step,
+        # while the GPU waits: at 256 requests one set of options per request cost ~15 ms).
+        groups: dict[tuple, int] = {}
+        group_options: list[list[_Option]] = []
+        group_of = np.empty(len(requests), dtype=np.int64)
+        for i, r in enumerate(requests):
+            masked = r.masked_in_block()
+            is_refresh = needs_refresh(r)
+            key = self._state(r, masked, is_refresh)
+            g = groups.get(key)
+            if g is None:
+                g = groups[key] = len(group_options)
+                group_options.append(self._options(r, masked, is_refresh))
+            group_of[i] = g
+        options = [group_options[g] for g in group_of]
+        # Padded per-group tables: features [group, option, term] and decided [group, option].
+        width = max(len(opts) for opts in group_options)
+        feats = np.zeros((len(group_options), width, 5))
+        decided_of = np.zeros((len(group_options), width))
+        for g, opts in enumerate(group_options):
+            feats[g, :len(opts)] = [o.shape.features()[1:6] for o in opts]
+            decided_of[g, :len(opts)] = [o.decided for o in opts]
         coef = np.array(cost.coefficients()[1:6])  # per token, context, pair, query, request
-        feats = [np.array([o.shape.features()[1:6] for o in opts]) for opts in options]
         # Seconds left and positions to decide, for requests whose deadline constrains the step;
         # a request past its deadline, or one no chunk keeps within budget even alone, does not.
         left = np.full(len(requests), np.inf)
         remaining = np.ones(len(requests))
-        for i, (r, opts) in enumerate(zip(requests, options)):
+        alone_s: dict[int, list[tuple[float, float]]] = {}  # per group: (step seconds alone, decided)
+        for i, r in enumerate(requests):
             if r.deadline_s is None or r.deadline_s <= now:
                 continue
+            g = int(group_of[i])
+            if g not in alone_s:
+                alone_s[g] = [(cost.shape_s(o.shape), o.decided) for o in group_options[g]]
             t, n = r.deadline_s - now, max(1, r.num_masked_remaining())
-            if any(cost.shape_s(o.shape) * n <= t * o.decided for o in opts):
+            if any(s * n <= t * d for s, d in alone_s[g]):
                 left[i], remaining[i] = t, n
 
-        def evaluate(choice: list[int]) -> tuple[float, np.ndarray]:
-            totals = sum(f[k] for f, k in zip(feats, choice))
-            decided = np.array([opts[k].decided for opts, k in zip(options, choice)])
+        def evaluate(choice: np.ndarray) -> tuple[float, np.ndarray]:
+            totals = feats[group_of, choice].sum(axis=0)
+            decided = decided_of[group_of, choice]
             step_s = max(cost.fixed_s + float(coef @ totals), 1e-9)
             return float(decided.sum()) / step_s, step_s * remaining > left * decided
 
         trials = []
-        for c in sorted({o.chunk for opts in options for o in opts}):
-            choice = [max(k for k, o in enumerate(opts) if o.chunk <= c or k == 0) for opts in options]
+        for c in sorted({o.chunk for opts in group_options for o in opts}):
+            per_group = np.array([max(k for k, o in enumerate(opts) if o.chunk <= c or k == 0)
+                                  for opts in group_options])
+            choice = per_group[group_of]
             rate, late = evaluate(choice)
             trials.append((-int(late.sum()), rate, choice))
         best_late, best_rate, _ = max(trials, key=lambda t: (t[0], t[1]))
@@ -194,13 +229,13 @@ class AdaptiveChunk:
         return result
 
     @staticmethod
-    def _repair(choice: list[int], options: list[list[_Option]], urgency: np.ndarray, evaluate) -> list[int]:
+    def _repair(choice: np.ndarray, options: list[list[_Option]], urgency: np.ndarray, evaluate) -> np.ndarray:
         """Raises the chunks of requests over budget, most urgent first, while that helps them
         without pushing others over."""
         _, late = evaluate(choice)
         for i in sorted(np.flatnonzero(late), key=lambda j: urgency[j]):
             while late[i] and choice[i] + 1 < len(options[i]):
-                trial = list(choice)
+                trial = choice.copy()
                 trial[i] += 1
                 _, trial_late = evaluate(trial)
                 if np.any(trial_late & ~late):

@@ -136,7 +136,7 @@ class Request:
         return [p for p in range(self.block_start, self.block_end) if self.canvas[p] == self.mask_id]
 
     def num_masked_remaining(self) -> int:
-        return sum(1 for t in self.canvas[self.block_start:] if t == self.mask_id)
+        return self.canvas[self.block_start:].count(self.mask_id)
 
     def scheduled_commits(self, num_queries: int) -> int:
         """For a fixed-steps request (``params.steps``): how many of ``num_queries`` queried
