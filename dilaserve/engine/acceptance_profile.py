@@ -43,6 +43,7 @@ class AcceptanceProfile:
             raise ValueError(f"{source or 'acceptance profile'}: no entries")
         self._thresholds = sorted(table)
         self._table = {t: dict(sorted(rows.items())) for t, rows in table.items()}
+        self._means: dict[tuple[float | None, int], float] = {}  # the chunk controller asks every step
 
     @classmethod
     def load(cls, path: str | Path) -> "AcceptanceProfile":
@@ -67,9 +68,12 @@ class AcceptanceProfile:
         """Mean positions decided by a step querying ``queried`` positions (at least 1)."""
         if queried <= 1:
             return 1.0
-        hist = self._histogram(threshold, queried)
-        total = hist.sum()
-        return float((np.arange(1, len(hist) + 1) * hist).sum() / total) if total else 1.0
+        key = (threshold, queried)
+        if key not in self._means:
+            hist = self._histogram(threshold, queried)
+            total = hist.sum()
+            self._means[key] = float((np.arange(1, len(hist) + 1) * hist).sum() / total) if total else 1.0
+        return self._means[key]
 
     def draw(self, rng: np.random.Generator, threshold: float | None, queried: int) -> int:
         """Positions one step decides, drawn from the measured histogram: 1..queried."""

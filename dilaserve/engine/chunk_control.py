@@ -109,12 +109,14 @@ class DecidedEstimator:
 
 
 class _Option:
-    """One chunk for one request: its step shape contribution and expected decided tokens."""
+    """One chunk for one request: its step shape contribution and expected decided tokens.
+    ``top`` is the largest candidate chunk with the same query set (near a block's end every
+    chunk from the masked count up queries the same positions): the chunk reported."""
 
-    __slots__ = ("chunk", "shape", "decided")
+    __slots__ = ("chunk", "shape", "decided", "top")
 
     def __init__(self, chunk: int, shape: StepShape, decided: float):
-        self.chunk, self.shape, self.decided = chunk, shape, decided
+        self.chunk, self.shape, self.decided, self.top = chunk, shape, decided, chunk
 
 
 class AdaptiveChunk:
@@ -155,6 +157,7 @@ class AdaptiveChunk:
         decided = self.estimator.curve(request, sizes)
         for c, q, d in zip(chunks, sizes, decided):
             if q in seen:  # a larger chunk than the block has masked positions changes nothing
+                options[-1].top = c
                 continue
             seen.add(q)
             queries = masked[:q]
@@ -224,7 +227,7 @@ class AdaptiveChunk:
         # The largest chunk (trials go up in c) whose rate is within the margin of the best.
         best_choice = [t for t in trials if t[0] == best_late and t[1] >= (1 - RATE_MARGIN) * best_rate][-1][2]
         choice = self._repair(best_choice, options, left / remaining, evaluate)
-        result = {r.request_id: opts[k].chunk for r, opts, k in zip(requests, options, choice)}
+        result = {r.request_id: opts[k].top for r, opts, k in zip(requests, options, choice)}
         self.last_choice = result
         return result
 

@@ -126,3 +126,18 @@ def test_a_smaller_chunk_must_win_by_more_than_the_margin():
     far = StepCost(fixed_s=0.05, per_token_s=1e-3, per_context_s=0.0)
     assert 4 * 7.6 / far.step_s(64, 0) > (1 + chunk_control.RATE_MARGIN) * 32 / far.step_s(128, 0)
     assert choose(far) == {16}
+
+
+def test_near_a_blocks_end_the_chunk_reported_is_the_largest_with_the_same_query_set():
+    # Three masked positions left: chunks 4..32 all query those three, so choosing "all of
+    # them" reports 32 (as fixed whole blocks do), not the smallest equivalent chunk.
+    (r,) = make_requests(1)
+    for p in range(r.block_start, r.block_end - 3):
+        r.canvas[p] = 1
+    assert len(r.masked_in_block()) == 3
+    assert controller(IDLE_GPU).choose([r]) == {"r0": 32}
+    # A chunk below the masked count still says what it queries.
+    (s,) = make_requests(1, max_chunk=2)
+    for p in range(s.block_start, s.block_end - 3):
+        s.canvas[p] = 1
+    assert controller(IDLE_GPU).choose([s]) == {"r0": 2}
