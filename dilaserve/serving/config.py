@@ -138,6 +138,44 @@ class ModelSection(_Section):
     device: Literal["cpu", "cuda"] = "cpu"
 
 
+class EngineSection(_Section):
+    """A variant's engine settings (``EngineConfig`` fields), checked here so that a bad value
+    is a config error at start, not a replica that fails to construct. Only the settings
+    written are passed on; the rest keep EngineConfig's defaults."""
+
+    max_batch_tokens: int = Field(8192, ge=1)
+    max_refresh_tokens: int = Field(4096, ge=1)
+    max_running: int = Field(256, ge=1)
+    max_waiting: int = Field(4096, ge=0)
+    page_size: int = Field(16, ge=1)
+    num_pages: int | None = Field(None, ge=1)
+    kv_memory_gib: float = Field(1.0, gt=0)
+    refresh_bound: Literal["fixed", "auto"] = "fixed"
+    refresh_slowdown: float = Field(1.0, ge=0)
+    step_memory_gib: float | None = Field(None, gt=0)
+    chunk_control: Literal["fixed", "adaptive"] = "fixed"
+    latency_profile: str | None = Field(None, min_length=1)
+    acceptance_profile: str | None = Field(None, min_length=1)
+    default_threshold: float = Field(0.9, gt=0, le=1)
+    threshold_step: float = Field(0.1, gt=0, lt=1)
+    load_control: bool = False
+    kernels: Literal["auto", "torch", "triton"] = "auto"
+    cuda_graphs: bool = True
+    sparse_scratch_tokens: int = Field(0, ge=0)
+    quality_profile: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            if "tensor_parallel" in data:
+                raise ValueError("set tensor_parallel on the variant, not in its engine settings")
+            unknown = sorted(set(data) - set(cls.model_fields))
+            if unknown:
+                raise ValueError(f"unknown engine setting(s) {unknown}; known: {sorted(cls.model_fields)}")
+        return data
+
+
 class VariantSection(_Section):
     name: str = Field(min_length=1, max_length=64, pattern=_NAME)
     model: str
@@ -147,18 +185,8 @@ class VariantSection(_Section):
     num_cpus_per_replica: float = Field(1.0, ge=0)
     max_ongoing_requests: int = Field(1024, ge=1)
     threshold: float | None = Field(None, gt=0, le=1)
-    engine: dict[str, Any] = Field(default_factory=dict)
+    engine: EngineSection = Field(default_factory=EngineSection)
     kv_retention: float | None = Field(None, gt=0, le=1)
-
-    @model_validator(mode="after")
-    def _engine_fields_exist(self) -> "VariantSection":
-        known = _engine_config_fields()
-        unknown = sorted(set(self.engine) - known) if known else []
-        if unknown:
-            raise ValueError(f"unknown engine setting(s) {unknown}; known: {sorted(known)}")
-        if "tensor_parallel" in self.engine:
-            raise ValueError("set tensor_parallel on the variant, not in its engine settings")
-        return self
 
 
 class SLOSection(_Section):
@@ -252,18 +280,10 @@ class ServeConfigFile(_Section):
 
 def _variant(v: VariantSection, model: ModelSection) -> VariantConfig:
     fields = v.model_dump()
+    fields["engine"] = v.engine.model_dump(exclude_unset=True)
     if fields["num_gpus_per_replica"] is None:
         fields["num_gpus_per_replica"] = float(v.tensor_parallel) if model.device == "cuda" else 0.0
     return VariantConfig(**fields)
-
-
-def _engine_config_fields() -> set[str]:
-    """EngineConfig's field names, or an empty set while the engine package lacks it."""
-    try:
-        from dilaserve.engine.config import EngineConfig
-    except ImportError:
-        return set()
-    return {f.name for f in dataclasses.fields(EngineConfig)}
 
 
 # -- entry points -------------------------------------------------------------------------------

@@ -62,10 +62,41 @@ def test_a_model_directory_is_served_under_its_own_name(tmp_path):
     ({"models": [{"name": "m"}],
       "variants": [{"name": "v", "model": "m", "engine": {"tensor_parallel": 2}}]}, "on the variant"),
     (minimal(defaults={"kv_retention": 0.5, "cache": "prefix"}), "needs defaults.cache 'dual'"),
+    # Engine values: a config error at start, not a replica that fails to construct.
+    ({"models": [{"name": "m"}], "variants": [{"name": "v", "model": "m", "engine": {"chunk_control": "turbo"}}]},
+     "engine.chunk_control"),
+    ({"models": [{"name": "m"}], "variants": [{"name": "v", "model": "m", "engine": {"max_batch_tokens": 0}}]},
+     "engine.max_batch_tokens"),
+    ({"models": [{"name": "m"}], "variants": [{"name": "v", "model": "m", "engine": {"refresh_bound": "loose"}}]},
+     "engine.refresh_bound"),
+    ({"models": [{"name": "m"}], "variants": [{"name": "v", "model": "m", "engine": {"kernels": "cuda"}}]},
+     "engine.kernels"),
+    ({"models": [{"name": "m"}], "variants": [{"name": "v", "model": "m", "engine": {"kv_memory_gib": "lots"}}]},
+     "engine.kv_memory_gib"),
+    ({"models": [{"name": "m"}], "variants": [{"name": "v", "model": "m", "engine": {"default_threshold": 1.5}}]},
+     "engine.default_threshold"),
+    ({"models": [{"name": "m"}], "variants": [{"name": "v", "model": "m", "engine": ["page_size"]}]},
+     "engine"),
 ])
 def test_invalid_configs_name_the_field(data, message):
     with pytest.raises(ConfigError, match=message):
         parse_config(data)
+
+
+def test_engine_settings_match_the_engine_and_only_those_written_are_passed_on():
+    import dataclasses
+
+    from dilaserve.engine.config import EngineConfig
+    from dilaserve.serving.config import EngineSection
+
+    engine_fields = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+    del engine_fields["tensor_parallel"]  # the variant's own setting
+    section = EngineSection()
+    assert {name: getattr(section, name) for name in EngineSection.model_fields} == engine_fields
+    config = parse_config({"models": [{"name": "m"}], "variants": [
+        {"name": "v", "model": "m", "engine": {"chunk_control": "adaptive", "max_batch_tokens": "4096"}}]})
+    assert dict(config.variants[0].engine) == {"chunk_control": "adaptive", "max_batch_tokens": 4096}
+    EngineConfig(**config.variants[0].engine)
 
 
 def test_unreadable_files(tmp_path):
