@@ -2,7 +2,7 @@
 
 Float32 results (float32 inputs, or any input with the float32 residual epilogue) agree with the
 float32 reference to summation order; a bf16 output to one bf16 rounding. The fused silu_mul
-variant is the plain kernel applied to ``fused.silu_mul``'s output, bit for bit.
+variant is the plain kernel applied to ``fused.silu_mul``'s output, bit for bit on the GPU.
 """
 
 from __future__ import annotations
@@ -74,9 +74,15 @@ def test_silu_mul_linear_is_the_linear_of_fused_silu_mul(m, n, inner, dtype, epi
     y = skinny_silu_mul_linear(gate_up, w, residual=None if residual is None else residual.clone(),
                                out=None if out is None else out.clone())
     assert_matches(y, ref, inner)
-    # The same A operand, rounded as silu_mul rounds it, through the same tiles: identical bits.
+    # The same A operand, rounded as silu_mul rounds it, through the same tiles: identical bits
+    # on the GPU (libdevice's expf in both kernels). The interpreter takes exp from NumPy, whose
+    # SIMD and scalar paths may differ in the last bit by tile shape and CPU (seen on a CI
+    # machine: one float32 silu value), so there the two agree to summation order.
     unfused = skinny_linear(silu_mul(gate_up), w, residual=residual, out=out)
-    assert torch.equal(y, unfused)
+    if device.type == "cuda":
+        assert torch.equal(y, unfused)
+    else:
+        assert_matches(y, unfused, inner)
 
 
 CONFIGS = [
