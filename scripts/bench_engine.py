@@ -264,9 +264,11 @@ def saturated_forward(model: LLaDAModel, device: torch.device, paths: list[str],
     return result
 
 
-def make_engine(model: LLaDAModel, path: str, num_pages: int) -> tuple[Engine, str]:
+def make_engine(model: LLaDAModel, path: str, num_pages: int, max_batch_tokens: int = 8192,
+                max_refresh_tokens: int = 4096) -> tuple[Engine, str]:
     fields = EngineConfig.__dataclass_fields__
-    kwargs = dict(num_pages=num_pages, page_size=16, max_running=256, max_batch_tokens=8192, max_refresh_tokens=4096)
+    kwargs = dict(num_pages=num_pages, page_size=16, max_running=256, max_batch_tokens=max_batch_tokens,
+                  max_refresh_tokens=max_refresh_tokens)
     if "kernels" in fields:  # the runner's kernel hook is in place
         engine = Engine(model, EngineConfig(kernels=path, **kwargs))
         return engine, ("Triton attention + logit budget + fused element-wise kernels, reuse steps from CUDA graphs"
@@ -301,7 +303,7 @@ def end_to_end(model: LLaDAModel, path: str, concurrency: int, args, num_pages: 
     that has run a while: its CUDA graphs for these step shapes captured, its Triton kernels
     compiled). Both passes' seconds are reported."""
     spec = model.spec
-    engine, wiring = make_engine(model, path, num_pages)
+    engine, wiring = make_engine(model, path, num_pages, args.max_batch_tokens, args.max_refresh_tokens)
     steps = args.max_tokens // args.tokens_per_step
     params = SamplingParams(max_tokens=args.max_tokens, block_size=args.block, steps=steps,
                             cache=default_cache(spec.causal_block_size))
@@ -393,7 +395,9 @@ def markdown(result: dict) -> str:
         s = result["settings"]
         lines += [
             f"## End to end through the Engine (prompt {s['prompt_len']}, {s['max_tokens']} generated, block {s['block']}, "
-            f"fixed steps: {s['tokens_per_step']} tokens/step, dual cache; c requests added at once, until all finish; "
+            f"fixed steps: {s['tokens_per_step']} tokens/step, dual cache; step budget "
+            f"{s.get('max_batch_tokens', 8192)} tokens, of them refresh {s.get('max_refresh_tokens', 4096)}; "
+            f"c requests added at once, until all finish; "
             + ("the timed pass is the second on one engine, after a cold pass that captured its CUDA graphs)"
                if s.get("passes", 1) > 1 else "one cold pass per engine: graph captures included)"), "",
             "| path | c | s | cold pass s | requests/s | tokens/s | token-forwards/s | share of compute bound | ms/step "
@@ -430,6 +434,11 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=32)
     parser.add_argument("--tokens-per-step", type=int, default=4)
     parser.add_argument("--saturation-requests", type=int, default=16)
+    parser.add_argument("--max-batch-tokens", type=int, default=8192,
+                        help="the engine's step budget (token-forwards a step; EngineConfig.max_batch_tokens)")
+    parser.add_argument("--max-refresh-tokens", type=int, default=4096,
+                        help="refresh tokens a step (EngineConfig.max_refresh_tokens): with the budget it sets how "
+                             "many requests run at once at saturation")
     parser.add_argument("--reserve-gib", type=float, default=18.0, help="GPU memory kept free of KV pages")
     parser.add_argument("--passes", type=int, default=2, choices=(1, 2),
                         help="2: time the second pass of the workload on one engine (graphs captured in the first)")
