@@ -15,3 +15,8 @@ class InvalidRequestError(DiLaServeError):
 
 class QueueFullError(InvalidRequestError):
     """The replica's waiting queue is full: retry later or elsewhere (maps to HTTP 429)."""
+
+
+class DeployError(DiLaServeError):
+    """A Serve application could not start: a replica failed to construct (a bad engine
+    setting, a missing file, too little memory); the message carries its root cause."""

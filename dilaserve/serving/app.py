@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from typing import Any, Mapping
 
 from ray import serve
 
+from dilaserve.errors import DeployError
 from dilaserve.serving.config import ServeConfig, VariantConfig, default_config, load_config, parse_config
 from dilaserve.serving.ingress import Ingress
 from dilaserve.serving.replica import Replica
@@ -86,5 +88,46 @@ def run_local(config: ServeConfig, ray_address: str | None = None) -> tuple[str,
             logger.info("started a local Ray instance")
     host, port = config.http.host, config.http.port
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(config), name=config.app_name, route_prefix="/")
+    try:
+        serve.run(build_app(config), name=config.app_name, route_prefix="/")
+    except RuntimeError:
+        # Serve says only "Failed to update the deployments [...]" (the replicas' tracebacks
+        # scroll past in the log): name each failed deployment and its root cause, and leave
+        # nothing running.
+        failures = deploy_failures(config.app_name)
+        try:
+            serve.delete(config.app_name)
+        finally:
+            if started:
+                serve.shutdown()
+                ray.shutdown()
+        if not failures:
+            raise
+        raise DeployError(f"{config.app_name!r} could not start: " + "; ".join(failures)) from None
     return f"http://{host}:{port}", started
+
+
+_EXCEPTION_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception|Exit)\b:?.*)$")
+
+
+def root_cause(message: str) -> str:
+    """The last exception line of a Serve deployment message (a replica constructor's
+    traceback): the innermost error, which a traceback prints last."""
+    lines = [m.group(1).strip() for m in map(_EXCEPTION_LINE.match, message.splitlines()) if m]
+    lines = [line for line in lines if not line.endswith("Traceback (most recent call last):")]
+    text = lines[-1] if lines else (message.strip().splitlines() or ["no message"])[0]
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+def deploy_failures(app_name: str) -> list[str]:
+    """'<deployment> failed to start: <root cause>' for each failed deployment of the app."""
+    try:
+        app = serve.status().applications.get(app_name)
+    except Exception:  # the controller itself is gone: nothing more to say than Serve's error
+        return []
+    failures = []
+    for name, deployment in (app.deployments.items() if app else ()):
+        status = getattr(deployment.status, "value", str(deployment.status))
+        if status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            failures.append(f"{name} failed to start: {root_cause(deployment.message or '')}")
+    return failures

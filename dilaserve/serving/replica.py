@@ -252,8 +252,14 @@ class ReplicaServer:
             await asyncio.sleep(METRICS_PERIOD_S)
 
     async def __del__(self) -> None:
-        self._metrics_task.cancel()
-        await self.engine.stop()
+        # Also called when __init__ failed part-way (Serve then retries the replica): stop what
+        # was started, and only that.
+        task = getattr(self, "_metrics_task", None)
+        if task is not None:
+            task.cancel()
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            await engine.stop()
 
 
 # Wrapping (not decorating) keeps ReplicaServer importable by name, so Ray pickles it by reference.

@@ -58,6 +58,60 @@ http: {{host: 127.0.0.1, port: {port}, ingress_num_cpus: 0.1}}
     assert not left, left
 
 
+def test_a_replica_that_cannot_start_ends_serve_with_its_cause_and_leaves_nothing_running(tmp_path):
+    # Before: Serve's "Failed to update the deployments ['replica-cpu-0']" under ~250 lines of
+    # the replicas' tracebacks, the cause (a missing latency profile) at line 74.
+    if _gcs_servers():
+        pytest.skip("a Ray instance runs on this machine: dilaserve serve would join it, not start its own")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    missing = tmp_path / "no-such-profile.json"
+    config = tmp_path / "serve.yaml"
+    config.write_text(f"""app_name: cli-bad-replica
+models: [{{name: dilaserve-tiny-arith, path: null}}]
+variants: [{{name: cpu, model: dilaserve-tiny-arith, num_replicas: 1, num_cpus_per_replica: 0.5,
+             engine: {{kv_memory_gib: 0.05, latency_profile: {missing}}}}}]
+http: {{host: 127.0.0.1, port: {port}, ingress_num_cpus: 0.1}}
+""")
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    log = tmp_path / "serve.err"  # a file, not a pipe: Ray's log lines could fill a pipe and block serve
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "dilaserve.cli", "serve", "--config", str(config)],
+                                stdout=subprocess.DEVNULL, stderr=out, env=env, cwd=Path(__file__).parents[2])
+    below: list[int] = []
+    try:
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and time.monotonic() < deadline:
+            below = sorted(set(below) | set(_descendants(proc.pid)))
+            time.sleep(0.5)
+        assert proc.poll() is not None, "serve kept running with a replica that cannot start"
+        err = log.read_text(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("dilaserve serve: error:") and "replica-cpu-0 failed to start" in last, last
+    assert "FileNotFoundError" in last and str(missing) in last, last
+    assert "_metrics_task" not in err  # the half-built replica's teardown no longer fails too
+    deadline = time.monotonic() + 30  # the Ray instance it started is gone
+    while (left := _alive(below)) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not left, left
+
+
+def test_root_cause_is_the_innermost_exception_line():
+    from dilaserve.serving.app import root_cause
+
+    message = ("The deployment failed to start 3 times in a row.\nRuntimeError: Traceback (most recent call last):\n"
+               '  File "replica.py", line 4010, in _call_func_or_gen\n    result = await result\n'
+               "ValueError: unknown chunk control 'turbo'; known: fixed, adaptive\n")
+    assert root_cause(message) == "ValueError: unknown chunk control 'turbo'; known: fixed, adaptive"
+    assert root_cause("replica died\n") == "replica died"
+    assert root_cause("") == "no message"
+
+
 def _gcs_servers() -> list[int]:
     found = []
     for proc in Path("/proc").iterdir():
