@@ -86,6 +86,11 @@ def run_local(config: ServeConfig, ray_address: str | None = None) -> tuple[str,
             ray.init(num_cpus=local_num_cpus(config), include_dashboard=False, logging_level=logging.WARNING)
             started = True
             logger.info("started a local Ray instance")
+            try:
+                check_local_gpus(config, ray.cluster_resources().get("GPU", 0.0))
+            except DeployError:
+                ray.shutdown()
+                raise
     host, port = config.http.host, config.http.port
     serve.start(http_options={"host": host, "port": port})
     try:
@@ -105,6 +110,20 @@ def run_local(config: ServeConfig, ray_address: str | None = None) -> tuple[str,
             raise
         raise DeployError(f"{config.app_name!r} could not start: " + "; ".join(failures)) from None
     return f"http://{host}:{port}", started
+
+
+def check_local_gpus(config: ServeConfig, gpus: float) -> None:
+    """Refuses a config whose replicas need more GPUs than a local Ray instance has: Serve
+    would wait for them forever (a joined cluster may add nodes, so only a local start checks)."""
+    for v in config.variants:
+        if v.num_replicas and v.num_gpus_per_replica > gpus:
+            raise DeployError(
+                f"variant {v.name!r} needs {v.num_gpus_per_replica:g} GPU(s) per replica and this machine has "
+                f"{gpus:g} (as Ray sees it); serve a CPU model here (models: device: cpu) or start on a GPU machine")
+    wanted = sum(v.num_gpus_per_replica * v.num_replicas for v in config.variants)
+    if wanted > gpus:
+        raise DeployError(f"the variants' replicas need {wanted:g} GPUs together and this machine has {gpus:g}; "
+                          "lower num_replicas")
 
 
 _EXCEPTION_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception|Exit)\b:?.*)$")

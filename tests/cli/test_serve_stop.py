@@ -101,6 +101,45 @@ http: {{host: 127.0.0.1, port: {port}, ingress_num_cpus: 0.1}}
     assert not left, left
 
 
+def test_a_gpu_config_on_a_machine_without_gpus_is_refused_not_left_waiting(tmp_path):
+    # Before: Serve waited forever for a GPU ("taken more than 30s to be scheduled", repeated).
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    if _gcs_servers():
+        pytest.skip("a Ray instance runs on this machine: dilaserve serve would join it, not start its own")
+    config = tmp_path / "serve.yaml"
+    config.write_text("""app_name: cli-no-gpu
+models: [{name: dilaserve-tiny-arith, path: null, device: cuda}]
+variants: [{name: gpu, model: dilaserve-tiny-arith, num_replicas: 1}]
+http: {host: 127.0.0.1, port: 8791, ingress_num_cpus: 0.1}
+""")
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    done = subprocess.run([sys.executable, "-m", "dilaserve.cli", "serve", "--config", str(config)], env=env,
+                          cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=180)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "variant 'gpu' needs 1 GPU(s) per replica and this machine has 0" in last, last
+    assert not _gcs_servers()  # the Ray instance it started is shut down
+
+
+def test_local_gpu_check_counts_every_replica():
+    from dilaserve.errors import DeployError
+    from dilaserve.serving.app import check_local_gpus
+    from dilaserve.serving.config import parse_config
+
+    config = parse_config({"models": [{"name": "m", "device": "cuda"}],
+                           "variants": [{"name": "a", "model": "m", "num_replicas": 2},
+                                        {"name": "b", "model": "m", "tensor_parallel": 2}]})
+    check_local_gpus(config, 4.0)
+    with pytest.raises(DeployError, match="need 4 GPUs together and this machine has 3"):
+        check_local_gpus(config, 3.0)
+    with pytest.raises(DeployError, match="variant 'b' needs 2 GPU"):
+        check_local_gpus(config, 1.0)
+    check_local_gpus(parse_config({"models": [{"name": "m"}], "variants": [{"name": "c", "model": "m"}]}), 0.0)
+
+
 def test_root_cause_is_the_innermost_exception_line():
     from dilaserve.serving.app import root_cause
 
