@@ -12,9 +12,11 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import re
+import socket
 from typing import Any, Mapping
 
 from ray import serve
@@ -83,6 +85,7 @@ def run_local(config: ServeConfig, ray_address: str | None = None) -> tuple[str,
         except ConnectionError:
             if ray_address:
                 raise
+            check_port_free(config.http.host, config.http.port)  # no Serve of ours can hold it yet
             ray.init(num_cpus=local_num_cpus(config), include_dashboard=False, logging_level=logging.WARNING)
             started = True
             logger.info("started a local Ray instance")
@@ -110,6 +113,20 @@ def run_local(config: ServeConfig, ray_address: str | None = None) -> tuple[str,
             raise
         raise DeployError(f"{config.app_name!r} could not start: " + "; ".join(failures)) from None
     return f"http://{host}:{port}", started
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuses a port something else listens on (Serve's proxy would fail to bind it, with a
+    traceback, after Ray has started)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no conflict
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            hint = ("is another server running there? Choose another port with --port (or http.port in the config)"
+                    if exc.errno == errno.EADDRINUSE else "check --host (or http.host in the config)")
+            raise DeployError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; {hint}") from None
 
 
 def check_local_gpus(config: ServeConfig, gpus: float) -> None:

@@ -192,3 +192,18 @@ def _alive(pids: list[int]) -> list[str]:
         if state != "Z":  # a zombie has exited
             left.append(f"{pid}: {title[:80]}")
     return left
+
+
+def test_a_port_in_use_or_a_bad_host_is_refused_before_ray_starts():
+    from dilaserve.errors import DeployError
+    from dilaserve.serving.app import check_port_free
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(DeployError, match=f"cannot listen on 127.0.0.1:{port}: .*another server"):
+            check_port_free("127.0.0.1", port)
+    check_port_free("127.0.0.1", port)  # free again
+    with pytest.raises(DeployError, match="check --host"):
+        check_port_free("999.1.1.1", port)
