@@ -29,6 +29,13 @@ def test_bench_load_smoke(tmp_path):
     md = path.with_suffix(".md").read_text()
     assert "| adaptive |" in md and "acceptance" in md.lower()
     assert path.with_name(path.stem + "_chunks.png").stat().st_size > 0
+    # A p99 over the finished requests is marked a lower bound where a request still running at
+    # the end had waited longer (the window cut off the tail), and only then.
+    for r in rows:
+        oldest, p99 = r["oldest_unfinished_s"], r["e2e_p99_s"]
+        assert r["e2e_p99_is_lower_bound"] == (oldest is not None and (p99 is None or oldest > p99))
+    marked = [r for r in rows if r["e2e_p99_is_lower_bound"]]
+    assert ("the window cut off the tail" in md) == bool(marked)
 
 
 def test_bench_load_fixed_steps(tmp_path):
