@@ -109,11 +109,14 @@ def test_a_gpu_config_on_a_machine_without_gpus_is_refused_not_left_waiting(tmp_
         pytest.skip("this machine has a GPU")
     if _gcs_servers():
         pytest.skip("a Ray instance runs on this machine: dilaserve serve would join it, not start its own")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     config = tmp_path / "serve.yaml"
-    config.write_text("""app_name: cli-no-gpu
-models: [{name: dilaserve-tiny-arith, path: null, device: cuda}]
-variants: [{name: gpu, model: dilaserve-tiny-arith, num_replicas: 1}]
-http: {host: 127.0.0.1, port: 8791, ingress_num_cpus: 0.1}
+    config.write_text(f"""app_name: cli-no-gpu
+models: [{{name: dilaserve-tiny-arith, path: null, device: cuda}}]
+variants: [{{name: gpu, model: dilaserve-tiny-arith, num_replicas: 1}}]
+http: {{host: 127.0.0.1, port: {port}, ingress_num_cpus: 0.1}}
 """)
     env = {**os.environ, "RAY_ADDRESS": ""}
     done = subprocess.run([sys.executable, "-m", "dilaserve.cli", "serve", "--config", str(config)], env=env,
