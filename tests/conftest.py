@@ -67,10 +67,13 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):
-    if _exit_status and not hasattr(config, "workerinput"):  # the main process, after its summary
-        import os
-        import sys
+    import os
+    import sys
 
+    # Only a process that is pytest itself (`pytest`, `python -m pytest`), after its summary:
+    # never a worker, nor a program that called pytest.main() and goes on.
+    is_pytest = "pytest" in os.path.basename(sys.argv[0]) or sys.argv[0].endswith(os.path.join("pytest", "__main__.py"))
+    if _exit_status and is_pytest and not hasattr(config, "workerinput"):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(_exit_status[-1])
