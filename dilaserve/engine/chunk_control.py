@@ -146,11 +146,9 @@ class AdaptiveChunk:
                 tuple(masked), is_refresh, request.seq_len, request.block_start, request.block_end,
                 request.dirty_until, request.cached_until)
 
-    def _options(self, request: Request, masked: list[int] | None = None,
-                 is_refresh: bool | None = None) -> list[_Option]:
+    def _options(self, request: Request, masked: list[int], is_refresh: bool) -> list[_Option]:
+        """The request's candidate chunks (``masked``: its block's masked positions)."""
         lo, hi = request.params.chunk_bounds
-        masked = request.masked_in_block() if masked is None else masked
-        is_refresh = needs_refresh(request) if is_refresh is None else is_refresh
         chunks = sorted({c for c in self.candidates if lo <= c <= hi} | {lo, hi})
         options, seen = [], set()
         sizes = [max(1, min(c, len(masked))) for c in chunks]
