@@ -21,23 +21,8 @@ pytest.importorskip("pydantic")
 
 
 def test_sigterm_stops_the_server_and_its_ray_instance(tmp_path):
-    if _gcs_servers():
-        pytest.skip("a Ray instance runs on this machine: dilaserve serve would join it, not start its own")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    config = tmp_path / "serve.yaml"
-    config.write_text(f"""app_name: cli-sigterm
-models: [{{name: dilaserve-tiny-arith, path: null}}]
-variants: [{{name: cpu, model: dilaserve-tiny-arith, num_replicas: 1, num_cpus_per_replica: 0.5,
-             engine: {{kv_memory_gib: 0.05}}}}]
-http: {{host: 127.0.0.1, port: {port}, ingress_num_cpus: 0.1}}
-""")
     log = tmp_path / "serve.log"
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "dilaserve.cli", "serve", "--config", str(config)],
-                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).parents[2])
+    proc = _start_serve(tmp_path, "cli-sigterm", "engine: {kv_memory_gib: 0.05}", log)
     try:
         deadline = time.monotonic() + 180
         while "DiLaServe is serving" not in log.read_text():
@@ -52,33 +37,16 @@ http: {{host: 127.0.0.1, port: {port}, ingress_num_cpus: 0.1}}
             proc.kill()
     text = log.read_text()
     assert "stopping" in text, text[-3000:]
-    deadline = time.monotonic() + 30  # nothing of that Ray instance is left running
-    while (left := _alive(below)) and time.monotonic() < deadline:
-        time.sleep(1)
-    assert not left, left
+    _assert_gone(below)  # nothing of that Ray instance is left running
 
 
 def test_a_replica_that_cannot_start_ends_serve_with_its_cause_and_leaves_nothing_running(tmp_path):
     # Before: Serve's "Failed to update the deployments ['replica-cpu-0']" under ~250 lines of
     # the replicas' tracebacks, the cause (a missing latency profile) at line 74.
-    if _gcs_servers():
-        pytest.skip("a Ray instance runs on this machine: dilaserve serve would join it, not start its own")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     missing = tmp_path / "no-such-profile.json"
-    config = tmp_path / "serve.yaml"
-    config.write_text(f"""app_name: cli-bad-replica
-models: [{{name: dilaserve-tiny-arith, path: null}}]
-variants: [{{name: cpu, model: dilaserve-tiny-arith, num_replicas: 1, num_cpus_per_replica: 0.5,
-             engine: {{kv_memory_gib: 0.05, latency_profile: {missing}}}}}]
-http: {{host: 127.0.0.1, port: {port}, ingress_num_cpus: 0.1}}
-""")
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    log = tmp_path / "serve.err"  # a file, not a pipe: Ray's log lines could fill a pipe and block serve
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "dilaserve.cli", "serve", "--config", str(config)],
-                                stdout=subprocess.DEVNULL, stderr=out, env=env, cwd=Path(__file__).parents[2])
+    log = tmp_path / "serve.log"
+    engine = f"engine: {{kv_memory_gib: 0.05, latency_profile: {missing}}}"
+    proc = _start_serve(tmp_path, "cli-bad-replica", engine, log)
     below: list[int] = []
     try:
         deadline = time.monotonic() + 240
@@ -95,10 +63,7 @@ http: {{host: 127.0.0.1, port: {port}, ingress_num_cpus: 0.1}}
     assert last.startswith("dilaserve serve: error:") and "replica-cpu-0 failed to start" in last, last
     assert "FileNotFoundError" in last and str(missing) in last, last
     assert "_metrics_task" not in err  # the half-built replica's teardown no longer fails too
-    deadline = time.monotonic() + 30  # the Ray instance it started is gone
-    while (left := _alive(below)) and time.monotonic() < deadline:
-        time.sleep(1)
-    assert not left, left
+    _assert_gone(below)  # the Ray instance it started is gone
 
 
 def test_a_gpu_config_on_a_machine_without_gpus_is_refused_not_left_waiting(tmp_path):
@@ -107,22 +72,16 @@ def test_a_gpu_config_on_a_machine_without_gpus_is_refused_not_left_waiting(tmp_
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    if _gcs_servers():
-        pytest.skip("a Ray instance runs on this machine: dilaserve serve would join it, not start its own")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    config = tmp_path / "serve.yaml"
-    config.write_text(f"""app_name: cli-no-gpu
-models: [{{name: dilaserve-tiny-arith, path: null, device: cuda}}]
-variants: [{{name: gpu, model: dilaserve-tiny-arith, num_replicas: 1}}]
-http: {{host: 127.0.0.1, port: {port}, ingress_num_cpus: 0.1}}
-""")
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    done = subprocess.run([sys.executable, "-m", "dilaserve.cli", "serve", "--config", str(config)], env=env,
-                          cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=180)
-    last = done.stderr.strip().splitlines()[-1]
-    assert done.returncode == 2, done.stderr[-3000:]
+    log = tmp_path / "serve.log"
+    proc = _start_serve(tmp_path, "cli-no-gpu", "", log, device="cuda", variant="gpu")
+    try:
+        returncode = proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = log.read_text(errors="replace")
+    last = err.strip().splitlines()[-1]
+    assert returncode == 2, err[-3000:]
     assert "variant 'gpu' needs 1 GPU(s) per replica and this machine has 0" in last, last
     assert not _gcs_servers()  # the Ray instance it started is shut down
 
@@ -152,6 +111,37 @@ def test_root_cause_is_the_innermost_exception_line():
     assert root_cause(message) == "ValueError: unknown chunk control 'turbo'; known: fixed, adaptive"
     assert root_cause("replica died\n") == "replica died"
     assert root_cause("") == "no message"
+
+
+def _start_serve(tmp_path: Path, app_name: str, variant_extra: str, log: Path, device: str = "cpu",
+                 variant: str = "cpu"):
+    """``dilaserve serve`` in a subprocess on a config of one replica of the embedded model, on a
+    free port, starting its own Ray instance; its output goes to ``log`` (a file, not a pipe: Ray's
+    log lines could fill a pipe and block it). Skips where a Ray instance already runs (serve
+    would join it and start no processes of its own)."""
+    if _gcs_servers():
+        pytest.skip("a Ray instance runs on this machine: dilaserve serve would join it, not start its own")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    extra = f", {variant_extra}" if variant_extra else ""
+    config = tmp_path / "serve.yaml"
+    config.write_text(f"""app_name: {app_name}
+models: [{{name: dilaserve-tiny-arith, path: null, device: {device}}}]
+variants: [{{name: {variant}, model: dilaserve-tiny-arith, num_replicas: 1, num_cpus_per_replica: 0.5{extra}}}]
+http: {{host: 127.0.0.1, port: {port}, ingress_num_cpus: 0.1}}
+""")
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    with log.open("w") as out:
+        return subprocess.Popen([sys.executable, "-m", "dilaserve.cli", "serve", "--config", str(config)],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).parents[2])
+
+
+def _assert_gone(pids: list[int], wait_s: float = 30.0) -> None:
+    deadline = time.monotonic() + wait_s
+    while (left := _alive(pids)) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not left, left
 
 
 def _gcs_servers() -> list[int]:
