@@ -18,7 +18,7 @@ Triton path, run twice on one engine per variant; the second pass is timed. For 
 Variants: ``default`` (the committed engine), ``bf16-large`` (steps above 32 rows use bf16
 products, ``matmul.UNROUNDED_MAX_ROWS = 32``), ``refresh-8192`` (``max_refresh_tokens`` 8192),
 and the large-step matmul options of ``dilaserve/engine/gpu/matmul.py`` (``bf16-qkv``,
-``swiglu``, ``mm-add``, ``all``).
+``swiglu``, ``mm-add``, ``all``, ``one-row-silu``).
 Writes ``engine_steps_<device>_<date>.{json,md}`` under ``--out``. ``--tiny`` runs a toy model
 (the torch path on a CPU) to check the script itself.
 """
@@ -56,6 +56,7 @@ VARIANTS = {
     "swiglu": ({}, None, "swiglu"),
     "mm-add": ({}, None, "mm-add"),
     "all": ({}, None, "all"),
+    "one-row-silu": ({}, None, "one-row-silu"),
 }
 PHASES = ("plan", "build inputs", "launch forward", "wait + choose", "apply")
 

@@ -214,6 +214,22 @@ def test_silu_mul_matches_reference(num_rows, width, dtype, device):
             assert (out != ref).float().mean() <= 0.01 and rel_err(out, ref) <= 1e-3
 
 
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_every_silu_mul_tile_computes_the_same_bits(in_dtype, device):
+    """The fast path passes float32 gate | up products and a bf16 ``out`` on large steps (multi-row
+    tiles there), bf16 rows on small ones: ragged edges in both dimensions, each tile the same."""
+    gate_up = 4 * randn(70, 2 * 100, dtype=torch.float32, device=device).to(in_dtype)
+    gate, up = gate_up[:, :100], gate_up[:, 100:]
+    ref = fused.silu_mul(gate, up, out=torch.empty(70, 100, dtype=torch.bfloat16, device=device),
+                         tile=fused.one_row_tile)
+    expected = (F.silu(gate) * up).to(torch.bfloat16)  # one rounding from float32; bf16 in: torch's own
+    assert (ref != expected).float().mean() <= 0.01 and rel_err(ref, expected) <= 1e-3
+    assert fused.silu_mul_tile(70, 100).rows > 1  # the default for this many rows is a multi-row tile
+    for tile in (None, fused.SiluMulTile(8, 32, 4), fused.SiluMulTile(4, 64, 2), fused.SiluMulTile(16, 128, 8)):
+        out = fused.silu_mul(gate, up, out=torch.empty(70, 100, dtype=torch.bfloat16, device=device), tile=tile)
+        assert torch.equal(out, ref), tile
+
+
 def test_inputs_with_a_strided_last_dimension_are_refused(device):
     x = randn(4, 8, device=device)
     with pytest.raises(ValueError, match="last dimension must be contiguous"):

@@ -71,7 +71,8 @@ def fast_block_ops():
     if torch.cuda.is_available():
         matmul.float32_products()  # probe now, not inside a CUDA-graph capture
     opts = matmul.OPTIONS
-    return BlockOps(fused.rms_norm, fused.add_rms_norm, fused.rotary, fused.silu_mul, residual_dtype=torch.float32,
+    silu_mul = fused.silu_mul if opts.silu_row_tiles else functools.partial(fused.silu_mul, tile=fused.one_row_tile)
+    return BlockOps(fused.rms_norm, fused.add_rms_norm, fused.rotary, silu_mul, residual_dtype=torch.float32,
                     linear=matmul.linear, linear_wide=matmul.linear_wide,
                     linear_add=functools.partial(matmul.linear_add, add_in_gemm=opts.add_in_gemm),
                     linear_swiglu=matmul.linear_swiglu if opts.swiglu_kernel else None,

@@ -48,6 +48,9 @@ class LargeStepOptions:
     # (docs/benchmarks/large_steps_h100_2026-12-05/): the same sums (max difference 0.0),
     # o 20% and down 9% faster at 5,888 rows, c=64 end to end +1.5%.
     add_in_gemm: bool = True
+    # silu_mul programs of several rows each on large steps (fused.silu_mul_tile), else one row
+    # per program (the only tile before 2026-12-06)
+    silu_row_tiles: bool = True
 
 
 OPTIONS = LargeStepOptions()
@@ -56,6 +59,7 @@ VARIANTS = {
     "bf16-qkv": LargeStepOptions(float32_qkv=False),
     "swiglu": LargeStepOptions(swiglu_kernel=True),
     "mm-add": LargeStepOptions(add_in_gemm=False),  # the default before 2026-12-05
+    "one-row-silu": LargeStepOptions(silu_row_tiles=False),  # the default before 2026-12-06
     "all": LargeStepOptions(float32_qkv=False, swiglu_kernel=True, add_in_gemm=True),
 }
 
