@@ -225,6 +225,7 @@ def main() -> None:
     parser.add_argument("--tokens-per-step", type=int, default=4)
     parser.add_argument("--profile-from", type=int, default=20, help="first profiled step of the pass")
     parser.add_argument("--profile-steps", type=int, default=8)
+    parser.add_argument("--reserve-gib", type=float, default=18.0, help="GPU memory kept free of KV pages")
     parser.add_argument("--tiny", action="store_true", help="toy model (torch path on a CPU): check the script")
     args = parser.parse_args()
     variants = [v for v in args.variants.split(",") if v]
@@ -245,6 +246,9 @@ def main() -> None:
     per_page = PagedKVCache.bytes_per_page(spec.num_layers, 16, spec.num_kv_heads, spec.head_dim,
                                            next(model.parameters()).dtype)
     num_pages = args.concurrency * -(-context // 16) + 8
+    if device.type == "cuda":  # within memory, as bench_engine.py sizes it (c=256 wants ~64 GiB of KV)
+        free, _ = torch.cuda.mem_get_info(device)
+        num_pages = min(num_pages, int((free - args.reserve_gib * 2**30) // per_page))
     result = {
         "benchmark": "profile_engine_steps", "date": datetime.date.today().isoformat(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU", "torch": torch.__version__,

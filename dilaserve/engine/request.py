@@ -155,7 +155,7 @@ class Request:
     def advance_block_if_done(self) -> None:
         """Moves to the next block once the current one has no masked position."""
         self.step_in_block += 1
-        while self.block_end < self.seq_len and not self.masked_in_block():
+        while self.block_end < self.seq_len and self.mask_id not in self.canvas[self.block_start:self.block_end]:
             self.block_idx += 1
             self.step_in_block = 0
             self.num_masked_at_block_start = len(self.masked_in_block())
