@@ -391,6 +391,7 @@ def markdown(result: dict) -> str:
                              f"{sat[f'{path}_tflops']:.0f} | {sat[f'{path}_share_of_peak']:.0%} |")
         lines.append("")
     rows = result.get("end_to_end", [])
+    same = result.get("fast_dllm_dual")  # scripts/bench_fast_dllm.py's dual-cache row, same device
     if rows:
         s = result["settings"]
         lines += [
@@ -401,8 +402,10 @@ def markdown(result: dict) -> str:
             + ("the timed pass is the second on one engine, after a cold pass that captured its CUDA graphs)"
                if s.get("passes", 1) > 1 else "one cold pass per engine: graph captures included)"), "",
             "| path | c | s | cold pass s | requests/s | tokens/s | token-forwards/s | share of compute bound | ms/step "
-            "| steps | max running |" + (" x Fast-dLLM dual (126.6 tok/s, H200) |" if is_h200 else ""),
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if is_h200 else ""),
+            "| steps | max running |" + (" x Fast-dLLM dual (126.6 tok/s, H200) |" if is_h200 else "")
+            + (f" x Fast-dLLM dual here ({same['tokens_per_s']:.1f} tok/s) |" if same else ""),
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if is_h200 else "")
+            + ("---:|" if same else ""),
         ]
         fast_dllm_tps = result["settings"]["tokens_per_step"] / (FAST_DLLM_DUAL_STEP_MS_H200 / 1e3)
         for r in rows:
@@ -414,8 +417,13 @@ def markdown(result: dict) -> str:
                 f"{'-' if r.get('cold_seconds') is None else format(r['cold_seconds'], '.1f')} | "
                 f"{r['requests_per_s']:.2f} | {r['tokens_per_s']:.0f} | "
                 f"{r['token_forwards_per_s']:.0f} | {r['share_of_bound']:.0%} | {r['ms_per_step']:.1f} | {r['engine_steps']} | "
-                f"{r['max_running']} |" + (f" {r['tokens_per_s'] / fast_dllm_tps:.1f}x |" if is_h200 else ""))
+                f"{r['max_running']} |" + (f" {r['tokens_per_s'] / fast_dllm_tps:.1f}x |" if is_h200 else "")
+                + (f" {r['tokens_per_s'] / same['tokens_per_s']:.1f}x |" if same else ""))
         wirings = sorted({f"{r['path']}: {r['wiring']}" for r in rows if not r.get("skipped")})
+        if same:
+            lines += ["", f"Fast-dLLM here: its published `generate_with_dual_cache` run one request at a time on "
+                      f"this device by `scripts/bench_fast_dllm.py` ({same['device']}, {same['date']}): "
+                      f"{same['ms_per_forward']:.1f} ms a forward, {same['tokens_per_s']:.1f} tok/s."]
         lines += ["", "Wiring: " + "; ".join(wirings) + ".",
                   "Token-forwards per request: refresh of the whole sequence at each block start + the block "
                   "on each reuse step; compute bound = (2 x block params x token-forwards + attention + LM head "
@@ -444,6 +452,8 @@ def main() -> None:
                         help="2: time the second pass of the workload on one engine (graphs captured in the first)")
     parser.add_argument("--variant", default=None,
                         help="large-step matmul options (dilaserve/engine/gpu/matmul.py VARIANTS; default: the committed)")
+    parser.add_argument("--fast-dllm-result", default=None,
+                        help="JSON of scripts/bench_fast_dllm.py run on this device: adds the x Fast-dLLM dual column")
     parser.add_argument("--tiny", action="store_true", help="toy model: check the script, not the GPU")
     args = parser.parse_args()
     if args.variant is not None:
@@ -469,6 +479,14 @@ def main() -> None:
         import triton
 
         result["triton"] = triton.__version__
+    if args.fast_dllm_result is not None:
+        fd = json.loads(Path(args.fast_dllm_result).read_text())
+        dual = next((r for r in fd.get("rows", []) if r.get("mode") == "dual"), None)
+        if dual is None:
+            parser.error(f"{args.fast_dllm_result} has no dual-cache row (bench_fast_dllm.py --modes dual)")
+        if fd.get("device") != result["device"]:
+            parser.error(f"{args.fast_dllm_result} was measured on {fd.get('device')}, this is {result['device']}")
+        result["fast_dllm_dual"] = {**dual, "device": fd["device"], "date": fd["date"]}
 
     def log(msg: str) -> None:
         print(f"[{budget.elapsed():6.1f} s] {msg}", flush=True)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks and benchmarks in one go, for a lent GPU machine (see docs/benchmarks/README.md).
 #   OUT=dir bash scripts/gpu_checks.sh tests,smoke,numerics,fused,engine,block,profile,load
+#   OUT=dir FAST_DLLM_DIR=Fast-dLLM/llada bash scripts/gpu_checks.sh fast-dllm,engine   # #8 against Fast-dLLM, same device
 #   OUT=dir bash scripts/gpu_checks.sh load-steps      # #9's 4-tokens-per-step workload: block vs block_phase_mixed
 #   OUT=dir bash scripts/gpu_checks.sh sparse          # #14: long-context reuse steps, dense vs kv_retention 0.5 (H200: batch 32 x 4096 needs ~96 GiB of KV)
 #   OUT=dir bash scripts/gpu_checks.sh sdar-profile,sdar-load   # #12: the block-causal (SDAR-8B shape) case
@@ -30,7 +31,12 @@ part numerics-variants bash -c 'for v in ${NUMERICS_VARIANTS:-default all}; do p
 part fused python3 scripts/bench_fused.py --out "$OUT"
 part large-gemms python3 scripts/sweep_large_gemms.py --out "$OUT"
 part engine-steps python3 scripts/profile_engine_steps.py --out "$OUT" --variants "${ENGINE_STEPS_VARIANTS:-default,mm-add,bf16-qkv,swiglu,all}"
-part engine python3 scripts/bench_engine.py --out "$OUT" --budget-s "${ENGINE_BUDGET_S:-330}"
+# #8's baseline: Fast-dLLM's published dual cache, one request at a time, on this device (FAST_DLLM_DIR:
+# its llada/ folder; needs einops); the engine part then divides by it
+part fast-dllm python3 scripts/bench_fast_dllm.py --fast-dllm "${FAST_DLLM_DIR:-.fastdllm/llada}" --out "$OUT/fast-dllm"
+fd_json=$(ls "$OUT"/fast-dllm/fast_dllm_*.json 2>/dev/null | head -n 1)
+part engine python3 scripts/bench_engine.py --out "$OUT" --budget-s "${ENGINE_BUDGET_S:-330}" \
+  ${fd_json:+--fast-dllm-result "$fd_json"}
 part block python3 scripts/bench_block_diffusion.py --out "$OUT"
 part profile python3 -m dilaserve.cli profile latency --shape llada-8b --device cuda --out "$OUT/profiles"
 part load python3 scripts/bench_load.py --out "$OUT/load" --concurrency 1,16,64,256 --rates '' --duration-s 12 --budget-s "${LOAD_BUDGET_S:-400}"

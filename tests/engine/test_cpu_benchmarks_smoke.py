@@ -83,3 +83,25 @@ def test_bench_sim_cluster(tmp_path):
         for phase in ("before", "after"):
             assert 0.0 <= system["phases"][phase]["attainment"] <= 1.0
     assert "| 2 | 1 |" in path.with_suffix(".md").read_text()
+
+
+def test_bench_engine_divides_by_a_fast_dllm_run_of_the_same_device_only(tmp_path):
+    """``bench_engine.py --fast-dllm-result``: the column divides each row's tokens/s by the dual-cache
+    row of ``bench_fast_dllm.py``'s JSON; a run from another device is refused."""
+    baseline = tmp_path / "fd.json"
+    baseline.write_text(json.dumps({"device": "CPU", "date": "2026-12-06", "rows": [
+        {"mode": "prefix", "ms_per_forward": 1.0, "tokens_per_s": 1000.0},
+        {"mode": "dual", "ms_per_forward": 48.2, "tokens_per_s": 83.0}]}))
+    _run("bench_engine.py", "--tiny", "--paths", "torch", "--concurrency", "2", "--out", str(tmp_path),
+         "--fast-dllm-result", str(baseline))
+    [path] = tmp_path.glob("engine_gpu_cpu_*.json")
+    report = json.loads(path.read_text())
+    [row] = report["end_to_end"]
+    table = path.with_suffix(".md").read_text()
+    assert "x Fast-dLLM dual here (83.0 tok/s)" in table
+    assert f"| {row['tokens_per_s'] / 83.0:.1f}x |" in table
+    baseline.write_text(baseline.read_text().replace('"CPU"', '"NVIDIA H100 80GB HBM3"'))
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_engine.py"), "--tiny", "--paths", "torch",
+                             "--out", str(tmp_path), "--fast-dllm-result", str(baseline)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 2 and "was measured on NVIDIA H100 80GB HBM3, this is CPU" in result.stderr
