@@ -18,7 +18,8 @@ Triton path, run twice on one engine per variant; the second pass is timed. For 
 Variants: ``default`` (the committed engine), ``bf16-large`` (steps above 32 rows use bf16
 products, ``matmul.UNROUNDED_MAX_ROWS = 32``), ``refresh-8192`` (``max_refresh_tokens`` 8192),
 and the large-step matmul options of ``dilaserve/engine/gpu/matmul.py`` (``bf16-qkv``,
-``swiglu``, ``mm-add``, ``all``, ``one-row-silu``).
+``swiglu``, ``mm-add``, ``all``, ``one-row-silu``), and ``one-host-thread`` (the default
+with torch's CPU ops on one thread: the step's input building is many small CPU ops).
 Writes ``engine_steps_<device>_<date>.{json,md}`` under ``--out``. ``--tiny`` runs a toy model
 (the torch path on a CPU) to check the script itself.
 """
@@ -57,7 +58,9 @@ VARIANTS = {
     "mm-add": ({}, None, "mm-add"),
     "all": ({}, None, "all"),
     "one-row-silu": ({}, None, "one-row-silu"),
+    "one-host-thread": ({}, None, "default"),  # torch's CPU ops (input building) on one thread
 }
+HOST_THREADS = {"one-host-thread": 1}
 PHASES = ("plan", "build inputs", "launch forward", "wait + choose", "apply")
 
 
@@ -119,6 +122,15 @@ def kernel_summary(prof, wall_s: float, steps: int, device_type=torch.autograd.D
 
 
 def run_variant(model, name: str, args, num_pages: int, profile: bool) -> dict:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(HOST_THREADS.get(name, threads))
+    try:
+        return _run_variant(model, name, args, num_pages, profile)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_variant(model, name: str, args, num_pages: int, profile: bool) -> dict:
     from dilaserve.engine.gpu import matmul
 
     overrides, unrounded, options = VARIANTS[name]
@@ -169,7 +181,7 @@ def run_variant(model, name: str, args, num_pages: int, profile: bool) -> dict:
     seconds, steps, _, _ = one_pass("warm")
     finished = engine.num_finished - finished_before
     row = {
-        "variant": name, "overrides": overrides, "unrounded_max_rows": unrounded,
+        "variant": name, "host_threads": torch.get_num_threads(), "overrides": overrides, "unrounded_max_rows": unrounded,
         "large_step_options": vars(matmul.VARIANTS[options]), "concurrency": args.concurrency,
         "cold_seconds": cold_s, "seconds": seconds, "steps": steps, "finished": finished,
         "tokens_per_s": finished * args.max_tokens / seconds, "ms_per_step": seconds / steps * 1e3,
