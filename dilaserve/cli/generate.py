@@ -30,7 +30,7 @@ def add_parser(sub) -> None:
     p.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random"])
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--cache", default="none", choices=["none", "prefix", "dual"])
-    p.add_argument("--refresh-interval", type=int, default=0, help="refresh the cache on every N-th step of a block (1: every step)")
+    p.add_argument("--refresh-interval", type=int, default=0, help="refresh the cache on every N-th step of a block (1: every step; 0, the default: only at its start)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
