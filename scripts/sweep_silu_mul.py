@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -26,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine import median_ms  # noqa: E402  (same folder)
 from kernels.fused import SiluMulTile, silu_mul, silu_mul_tile  # noqa: E402
 
 TILES = [SiluMulTile(1, 1024, 4), SiluMulTile(1, 2048, 8), SiluMulTile(2, 1024, 4), SiluMulTile(2, 1024, 8),
@@ -34,24 +35,8 @@ TILES = [SiluMulTile(1, 1024, 4), SiluMulTile(1, 2048, 8), SiluMulTile(2, 1024, 
 
 
 def timed_us(fn, repeats: int, device: torch.device) -> float:
-    """Median microseconds of one call (CUDA events; on a CPU, wall time)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e3)
-        else:
-            import time
-
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e6)
-    return statistics.median(times)
+    """Median microseconds of one call (CUDA events; on a CPU, wall time), after one warm-up call."""
+    return median_ms(fn, device, warmup=1, reps=repeats) * 1e3
 
 
 def copy_bandwidth(device: torch.device, repeats: int) -> float:
