@@ -1,6 +1,7 @@
 """The CPU engine benchmarks run end to end at small sizes and write what they say they write."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +110,25 @@ def test_bench_engine_divides_by_a_fast_dllm_run_of_the_same_device_only(tmp_pat
                              "--out", str(tmp_path), "--fast-dllm-result", str(baseline)],
                             capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 2 and "was measured on NVIDIA H100 80GB HBM3, this is CPU" in result.stderr
+
+
+def test_sweep_silu_mul_checks_every_tile_against_the_one_row_tile(tmp_path):
+    """The GPU sweep's CPU mode (Triton interpreter): every tile timed, and each gave the same bits."""
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "sweep_silu_mul.py"), "--interpret",
+                             "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                            env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    [path] = tmp_path.glob("silu_mul_*.json")
+    report = json.loads(path.read_text())
+    assert {r["in_dtype"] for r in report["rows"]} == {"float32", "bfloat16"}
+    tiles = [e for r in report["rows"] for e in r["tiles"]]
+    assert len(tiles) > 10 and all(e["same_bits_as_first"] and e["us"] > 0 for e in tiles)
+
+
+def test_profile_engine_steps_runs_each_variant(tmp_path):
+    _run("profile_engine_steps.py", "--tiny", "--concurrency", "4", "--variants", "default,one-host-thread",
+         "--out", str(tmp_path))
+    [path] = tmp_path.glob("engine_steps_*.json")
+    rows = {r["variant"]: r for r in json.loads(path.read_text())["rows"]}
+    assert rows["one-host-thread"]["host_threads"] == 1 and rows["default"]["steps"] == rows["one-host-thread"]["steps"]
+    assert "kernels" in rows["default"]  # the first variant's profiled window
