@@ -45,6 +45,11 @@ class SwigluGemmConfig:
     group_m: int = 8
     num_stages: int = 3
     num_warps: int = 8
+    # Operand tiles through tensor descriptors (TMA on Hopper) instead of pointer loads; needs
+    # 16-byte aligned rows (else the pointer kernel serves)
+    tma: bool = False
+    # With tma: one program per SM walking the tiles (else one program per tile)
+    persistent: bool = False
 
     def __post_init__(self) -> None:
         for name, low, high in (("block_m", 16, 256), ("block_n", 16, 256), ("block_k", 16, 256)):
@@ -111,10 +116,109 @@ def _swiglu_gemm_kernel(x_ptr, w_ptr, out_ptr, M, I, K, stride_xm, stride_wn, st
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], out, mask=mask)
 
 
+# --- tensor-descriptor (TMA) form ------------------------------------------------------------------
+#
+# The weight may come in one of three row orders (``interleave_gate_up``): ``group`` 0, gate rows
+# then up rows (two [BLOCK_N, BLOCK_K] tiles and two dots a step); 1, gate j and up j adjacent;
+# BLOCK_N, tiles of BLOCK_N gate rows then BLOCK_N up rows. Interleaved, one [2 BLOCK_N, BLOCK_K]
+# tile and one dot a step give a [BLOCK_M, 2 BLOCK_N] accumulator that is split in the epilogue.
+
+
+@triton.jit
+def _swiglu_tma_tile(x_desc, w_desc, out_desc, tile, num_m, I, K: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     GROUP_M: tl.constexpr, GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     INTERPRETED: tl.constexpr):
+    num_n = tl.cdiv(I, BLOCK_N)
+    group = tile // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % (GROUP_M * num_n)) % group_size
+    pid_n = (tile % (GROUP_M * num_n)) // group_size
+    row0 = pid_m * BLOCK_M
+    col0 = pid_n * BLOCK_N
+    if GROUP == 0:
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in tl.range(0, K, BLOCK_K):
+            a = x_desc.load([row0, k0])
+            g = w_desc.load([col0, k0])
+            u = w_desc.load([I + col0, k0])
+            if INTERPRETED:
+                a, g, u = a.to(tl.float32), g.to(tl.float32), u.to(tl.float32)
+            acc_g = tl.dot(a, tl.trans(g), acc_g, input_precision=DOT_PRECISION)
+            acc_u = tl.dot(a, tl.trans(u), acc_u, input_precision=DOT_PRECISION)
+    else:
+        acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+        for k0 in tl.range(0, K, BLOCK_K):
+            a = x_desc.load([row0, k0])
+            w = w_desc.load([2 * col0, k0])
+            if INTERPRETED:
+                a, w = a.to(tl.float32), w.to(tl.float32)
+            acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        if GROUP == 1:
+            acc_g, acc_u = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
+        else:
+            acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
+    if INTERPRETED:
+        e = tl.exp(-acc_g)
+    else:
+        e = libdevice.exp(-acc_g)
+    silu = tl.math.div_rn(acc_g, 1.0 + e)
+    out_desc.store([row0, col0], _round(silu * acc_u, out_desc.dtype, INTERPRETED))
+
+
+@triton.jit
+def _swiglu_tma_kernel(M, I, K: tl.constexpr, x_desc, w_desc, out_desc, NUM_PROGRAMS,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       GROUP_M: tl.constexpr, GROUP: tl.constexpr, PERSISTENT: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+    num_m = tl.cdiv(M, BLOCK_M)
+    if PERSISTENT:
+        num_tiles = num_m * tl.cdiv(I, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS):
+            _swiglu_tma_tile(x_desc, w_desc, out_desc, tile, num_m, I, K, BLOCK_M, BLOCK_N, BLOCK_K,
+                             GROUP_M, GROUP, DOT_PRECISION, INTERPRETED)
+    else:
+        _swiglu_tma_tile(x_desc, w_desc, out_desc, tl.program_id(0), num_m, I, K, BLOCK_M, BLOCK_N,
+                         BLOCK_K, GROUP_M, GROUP, DOT_PRECISION, INTERPRETED)
+
+
+def interleave_gate_up(w_gate_up: torch.Tensor, group: int) -> torch.Tensor:
+    """The packed gate | up weight ([2I, K], gate rows first) reordered for ``swiglu_linear(...,
+    group=group)``: 1, gate row j then up row j; g > 1, g gate rows then the same g up rows
+    (I must be a multiple of g); 0, unchanged."""
+    if group == 0:
+        return w_gate_up
+    inter = w_gate_up.shape[0] // 2
+    if group < 0 or inter % group:
+        raise ValueError(f"group must be 0 or divide I = {inter}, got {group}")
+    gate, up = w_gate_up[:inter], w_gate_up[inter:]
+    k = w_gate_up.shape[1]
+    return torch.stack((gate.reshape(-1, group, k), up.reshape(-1, group, k)), dim=1).reshape(2 * inter, k)
+
+
+def _tma_ok(*tensors: torch.Tensor) -> bool:
+    """Tensor descriptors need 16-byte aligned bases and row strides."""
+    return all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in tensors)
+
+
+_NUM_SMS: dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _NUM_SMS:
+        _NUM_SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _NUM_SMS[index]
+
+
 def swiglu_linear(x: torch.Tensor, w_gate_up: torch.Tensor, *, out: torch.Tensor | None = None,
-                  config: SwigluGemmConfig | None = None) -> torch.Tensor:
+                  config: SwigluGemmConfig | None = None, group: int = 0) -> torch.Tensor:
     """``silu(x @ w_gate.T) * (x @ w_up.T)`` for x [M, K] and w_gate_up [2I, K] (gate rows
-    first); returns [M, I] in x's dtype (or writes ``out``)."""
+    first, or reordered by ``interleave_gate_up(w, group)``: then pass the same ``group``, which
+    needs ``config.tma`` and, above 1, ``group == config.block_n``); returns [M, I] in x's dtype
+    (or writes ``out``)."""
     if x.dim() != 2 or w_gate_up.dim() != 2 or x.shape[1] != w_gate_up.shape[1] or w_gate_up.shape[0] % 2:
         raise ValueError(f"need x [M, K] and w_gate_up [2I, K], got {tuple(x.shape)} and {tuple(w_gate_up.shape)}")
     if x.dtype != w_gate_up.dtype or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -131,7 +235,30 @@ def swiglu_linear(x: torch.Tensor, w_gate_up: torch.Tensor, *, out: torch.Tensor
         return out
     if k == 0:
         return out.zero_()
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(inter, cfg.block_n),)
+    if group and (not cfg.tma or (group > 1 and group != cfg.block_n)):
+        raise ValueError(f"an interleaved weight (group {group}) needs a tma config with block_n = group "
+                         f"(or group 1), got {cfg}")
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(inter, cfg.block_n)
+    dot_precision = "ieee" if x.dtype == torch.float32 or interpreting() else "tf32"
+    if cfg.tma and (group or _tma_ok(x, w_gate_up, out)):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        if not _tma_ok(x, w_gate_up, out):
+            raise ValueError("tensor descriptors need 16-byte aligned rows")
+        w_rows = cfg.block_n if group == 0 else 2 * cfg.block_n
+        # persistent: one program per SM (under the interpreter, 3: each walks several tiles)
+        programs = min(tiles, _num_sms(x.device) if x.is_cuda else 3) if cfg.persistent else tiles
+        _swiglu_tma_kernel[(programs,)](
+            m, inter, k,
+            TensorDescriptor.from_tensor(x, [cfg.block_m, cfg.block_k]),
+            TensorDescriptor.from_tensor(w_gate_up, [w_rows, cfg.block_k]),
+            TensorDescriptor.from_tensor(out, [cfg.block_m, cfg.block_n]),
+            programs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            GROUP=group, PERSISTENT=cfg.persistent, DOT_PRECISION=dot_precision, INTERPRETED=interpreting(),
+            num_stages=cfg.num_stages, num_warps=cfg.num_warps, **_LAUNCH,
+        )
+        return out
+    grid = (tiles,)
     _swiglu_gemm_kernel[grid](
         x, w_gate_up, out, m, inter, k, x.stride(0), w_gate_up.stride(0), out.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,

@@ -18,7 +18,8 @@ Triton path, run twice on one engine per variant; the second pass is timed. For 
 Variants: ``default`` (the committed engine), ``bf16-large`` (steps above 32 rows use bf16
 products, ``matmul.UNROUNDED_MAX_ROWS = 32``), ``refresh-8192`` (``max_refresh_tokens`` 8192),
 and the large-step matmul options of ``dilaserve/engine/gpu/matmul.py`` (``bf16-qkv``,
-``swiglu``, ``mm-add``, ``all``, ``one-row-silu``), and ``one-host-thread`` (the default
+``swiglu``, ``swiglu-tma``, ``swiglu-tma-persistent``, ``mm-add``, ``all``,
+``one-row-silu``), and ``one-host-thread`` (the default
 with torch's CPU ops on one thread: the step's input building is many small CPU ops).
 Writes ``engine_steps_<device>_<date>.{json,md}`` under ``--out``. ``--tiny`` runs a toy model
 (the torch path on a CPU) to check the script itself.
@@ -55,6 +56,8 @@ VARIANTS = {
     "refresh-8192": ({"max_refresh_tokens": 8192, "max_batch_tokens": 12288}, None, "default"),
     "bf16-qkv": ({}, None, "bf16-qkv"),
     "swiglu": ({}, None, "swiglu"),
+    "swiglu-tma": ({}, None, "swiglu-tma"),
+    "swiglu-tma-persistent": ({}, None, "swiglu-tma-persistent"),
     "mm-add": ({}, None, "mm-add"),
     "all": ({}, None, "all"),
     "one-row-silu": ({}, None, "one-row-silu"),

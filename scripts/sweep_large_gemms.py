@@ -29,17 +29,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_engine as bench  # noqa: E402
 
 from kernels.fused import silu_mul  # noqa: E402
-from kernels.swiglu_gemm import SwigluGemmConfig, swiglu_linear  # noqa: E402
+from kernels.swiglu_gemm import SwigluGemmConfig, interleave_gate_up, swiglu_linear  # noqa: E402
 
+# (config, group): group 0 is the packed gate | up weight; 1 and block_n are the interleaved
+# row orders of ``interleave_gate_up`` (one dot a K step instead of two; tensor descriptors only)
 CONFIGS = [
-    SwigluGemmConfig(128, 128, 64, 8, 3, 8),
-    SwigluGemmConfig(128, 128, 64, 8, 4, 8),
-    SwigluGemmConfig(128, 64, 64, 8, 4, 4),
-    SwigluGemmConfig(128, 64, 64, 8, 4, 8),
-    SwigluGemmConfig(64, 128, 64, 8, 4, 4),
-    SwigluGemmConfig(128, 128, 32, 8, 5, 8),
-    SwigluGemmConfig(256, 64, 64, 8, 3, 8),
-    SwigluGemmConfig(128, 64, 128, 8, 3, 8),
+    (SwigluGemmConfig(128, 128, 64, 8, 4, 8), 0),  # the best pointer configs of 2026-12-05
+    (SwigluGemmConfig(128, 128, 32, 8, 5, 8), 0),
+    (SwigluGemmConfig(128, 128, 64, 8, 3, 8, tma=True), 0),
+    (SwigluGemmConfig(128, 128, 64, 8, 4, 8, tma=True), 0),
+    (SwigluGemmConfig(128, 128, 64, 8, 3, 8, tma=True, persistent=True), 0),
+    (SwigluGemmConfig(128, 128, 64, 8, 3, 8, tma=True), 1),
+    (SwigluGemmConfig(128, 128, 64, 8, 4, 8, tma=True), 1),
+    (SwigluGemmConfig(128, 128, 64, 8, 3, 8, tma=True, persistent=True), 1),
+    (SwigluGemmConfig(128, 128, 64, 8, 4, 8, tma=True, persistent=True), 1),
+    (SwigluGemmConfig(128, 64, 64, 8, 4, 4, tma=True), 1),
+    (SwigluGemmConfig(128, 64, 64, 8, 4, 8, tma=True), 1),
+    (SwigluGemmConfig(128, 64, 64, 8, 4, 4, tma=True, persistent=True), 1),
+    (SwigluGemmConfig(64, 128, 64, 8, 4, 4, tma=True), 1),
+    (SwigluGemmConfig(128, 128, 64, 8, 3, 8, tma=True), 128),
+    (SwigluGemmConfig(128, 128, 64, 8, 4, 8, tma=True, persistent=True), 128),
+    (SwigluGemmConfig(128, 64, 64, 8, 4, 4, tma=True), 64),
 ]
 
 
@@ -63,6 +73,7 @@ def main() -> None:
         return (torch.randn(*shape, device=dev, generator=gen) * scale).to(torch.bfloat16)
 
     w_gate_up = rnd(2 * inter, d, scale=d ** -0.5)
+    reordered = {g: interleave_gate_up(w_gate_up, g) for g in sorted({g for _, g in CONFIGS})}
     w_down, w_o, w_qkv = rnd(d, inter, scale=inter ** -0.5), rnd(d, d, scale=d ** -0.5), rnd(3 * d, d, scale=d ** -0.5)
 
     def timed(fn) -> float:
@@ -89,12 +100,13 @@ def main() -> None:
             "fp32_products_ms": timed(fp32_path),
             "configs": [],
         }
-        for cfg in CONFIGS:
-            entry = {"config": vars(cfg) if hasattr(cfg, "__dict__") else str(cfg)}
+        for cfg, group in CONFIGS:
+            entry = {"config": dict(vars(cfg), group=group)}
             try:
-                got = swiglu_linear(x, w_gate_up, config=cfg)
+                w = reordered[group]
+                got = swiglu_linear(x, w, config=cfg, group=group)
                 entry["relative_error"] = float((got.double() - ref.double()).norm() / ref.double().norm())
-                entry["ms"] = timed(lambda cfg=cfg: swiglu_linear(x, w_gate_up, config=cfg))
+                entry["ms"] = timed(lambda cfg=cfg, w=w, group=group: swiglu_linear(x, w, config=cfg, group=group))
                 entry["tflops"] = tflops(m, 2 * inter, d, entry["ms"])
             except Exception as exc:  # noqa: BLE001 - a config that does not compile is a result too
                 entry["error"] = repr(exc)[:300]
@@ -137,6 +149,17 @@ def main() -> None:
             f"({g['cublas_fp32_tflops']:.0f}) | {g['bf16_products_ms']:.3f} | {g['fp32_products_ms']:.3f} | "
             + (f"{best['config']} | {best['ms']:.3f} ({best['tflops']:.0f}) | {best['relative_error']:.1e} |"
                if best else "- | - | - |"))
+    lines += ["", "## Every one-kernel config (ms, TFLOP/s)", "",
+              "| config | group | " + " | ".join(f"{r['rows']} rows" for r in rows_out) + " |",
+              "|---|---:|" + "---:|" * len(rows_out)]
+    for i, (cfg, group) in enumerate(CONFIGS):
+        cells = []
+        for r in rows_out:
+            c = r["gate_up"]["configs"][i]
+            cells.append(f"{c['ms']:.3f} ({c['tflops']:.0f})" if "ms" in c else "failed")
+        name = (f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} s{cfg.num_stages} w{cfg.num_warps}"
+                + (" tma" if cfg.tma else "") + (" persistent" if cfg.persistent else ""))
+        lines.append(f"| {name} | {group} | " + " | ".join(cells) + " |")
     lines += ["", "## o / down into the float32 stream, q | k | v", "",
               "| rows | o: mm + add | o: addmm | down: mm + add | down: addmm | down: bf16 + add | qkv bf16 | qkv fp32 |",
               "|---:|---:|---:|---:|---:|---:|---:|---:|"]

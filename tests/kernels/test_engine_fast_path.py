@@ -50,7 +50,7 @@ def test_triton_path_matches_torch_path(llada, device, decoding):
     assert {k: v[0] for k, v in triton_path.items()} == {k: v[0] for k, v in torch_path.items()}
 
 
-@pytest.mark.parametrize("variant", ["mm-add", "bf16-qkv", "swiglu", "all"])
+@pytest.mark.parametrize("variant", ["mm-add", "bf16-qkv", "swiglu", "swiglu-tma-persistent", "all"])
 def test_large_step_variants_decode_the_same_tokens(llada, device, variant, monkeypatch):
     """Each way of running steps above 32 rows (matmul.VARIANTS) decodes as the torch path; the
     steps here (refreshes of 3 requests, ~80 rows) take those paths."""

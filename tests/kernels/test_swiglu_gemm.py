@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kernels.fused import silu_mul
-from kernels.swiglu_gemm import SwigluGemmConfig, swiglu_linear, swiglu_linear_reference
+from kernels.swiglu_gemm import SwigluGemmConfig, interleave_gate_up, swiglu_linear, swiglu_linear_reference
 
 SMALL = SwigluGemmConfig(block_m=16, block_n=16, block_k=16, group_m=2, num_stages=2, num_warps=4)
 
@@ -54,6 +54,47 @@ def test_default_config_and_an_out_buffer(device):
     out = swiglu_linear(x, w, out=buf[:, :inter])
     assert_one_rounding(out, composed(x, w), k)
     assert torch.all(buf[:, inter:] == 7.0)  # nothing written past the view
+
+
+@pytest.mark.parametrize("m,inter,k", [(1, 16, 16), (37, 48, 40), (70, 32, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [0, 1, 16])
+@pytest.mark.parametrize("persistent", [False, True])
+def test_tensor_descriptor_forms_match(m, inter, k, dtype, group, persistent, device):
+    """Through tensor descriptors, on the packed weight (two dots) and on both interleaved row
+    orders (one dot, split after), one program per tile or a few walking them all: rows past M,
+    a K that the tile does not divide (40), several column tiles."""
+    x = randn(m, k, dtype=dtype, device=device)
+    w = randn(2 * inter, k, dtype=dtype, device=device, seed=1) / math.sqrt(k)
+    cfg = SwigluGemmConfig(block_m=16, block_n=16, block_k=16, group_m=2, num_stages=2, num_warps=4,
+                           tma=True, persistent=persistent)
+    out = swiglu_linear(x, interleave_gate_up(w, group), config=cfg, group=group)
+    assert_one_rounding(out, composed(x, w), k)
+
+
+def test_interleaved_row_orders():
+    w = torch.arange(8.0).repeat_interleave(3).view(8, 3)  # gate rows 0-3, up rows 4-7
+    assert interleave_gate_up(w, 1)[:, 0].tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+    assert interleave_gate_up(w, 2)[:, 0].tolist() == [0, 1, 4, 5, 2, 3, 6, 7]
+    assert interleave_gate_up(w, 0) is w
+    with pytest.raises(ValueError, match="divide"):
+        interleave_gate_up(w, 3)
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="tma"):
+        swiglu_linear(x, w, config=SMALL, group=1)  # the pointer kernel reads the packed order only
+    with pytest.raises(ValueError, match="block_n"):
+        swiglu_linear(x, w, config=SwigluGemmConfig(16, 16, 16, tma=True), group=2)
+
+
+def test_unaligned_rows_fall_back_to_pointer_loads(device):
+    """A K of 13 bf16 (26-byte rows) cannot be described to TMA; the packed form then runs the
+    pointer kernel (an interleaved weight is refused)."""
+    x = randn(5, 13, dtype=torch.bfloat16, device=device)
+    w = randn(2 * 16, 13, dtype=torch.bfloat16, device=device, seed=1) / math.sqrt(13)
+    cfg = SwigluGemmConfig(16, 16, 16, 2, 2, 4, tma=True)
+    assert_one_rounding(swiglu_linear(x, w, config=cfg), composed(x, w), 13)
+    with pytest.raises(ValueError, match="aligned"):
+        swiglu_linear(x, interleave_gate_up(w, 1), config=cfg, group=1)
 
 
 def test_bad_arguments():

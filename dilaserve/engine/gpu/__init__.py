@@ -75,7 +75,8 @@ def fast_block_ops():
     return BlockOps(fused.rms_norm, fused.add_rms_norm, fused.rotary, silu_mul, residual_dtype=torch.float32,
                     linear=matmul.linear, linear_wide=matmul.linear_wide,
                     linear_add=functools.partial(matmul.linear_add, add_in_gemm=opts.add_in_gemm),
-                    linear_swiglu=matmul.linear_swiglu if opts.swiglu_kernel else None,
+                    linear_swiglu=functools.partial(matmul.linear_swiglu, config=opts.swiglu_config)
+                    if opts.swiglu_kernel else None,
                     wide_qkv=opts.float32_qkv, unrounded_max_rows=matmul.UNROUNDED_MAX_ROWS)
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from kernels.interpreter import interpreting
 from kernels.skinny_gemm import skinny_linear
+from kernels.swiglu_gemm import SwigluGemmConfig
 
 SKINNY_MAX_ROWS = 32
 # BlockOps.unrounded_max_rows of the fast path: the steps whose products are added / rounded
@@ -43,6 +44,8 @@ class LargeStepOptions:
     # gate | up and silu x up in one kernel (kernels/swiglu_gemm.py), else a float32-output
     # cuBLAS matmul and fused.silu_mul
     swiglu_kernel: bool = False
+    # its tiles (None: kernels.swiglu_gemm.DEFAULT_CONFIG)
+    swiglu_config: SwigluGemmConfig | None = None
     # o / down added into the float32 stream by cuBLAS itself (addmm, beta = 1), else a
     # float32-output matmul and an add. The default since the H100 run of 2026-12-05
     # (docs/benchmarks/large_steps_h100_2026-12-05/): the same sums (max difference 0.0),
@@ -58,6 +61,10 @@ VARIANTS = {
     "default": LargeStepOptions(),
     "bf16-qkv": LargeStepOptions(float32_qkv=False),
     "swiglu": LargeStepOptions(swiglu_kernel=True),
+    # the same through tensor descriptors (TMA), one program per tile / per SM
+    "swiglu-tma": LargeStepOptions(swiglu_kernel=True, swiglu_config=SwigluGemmConfig(tma=True)),
+    "swiglu-tma-persistent": LargeStepOptions(
+        swiglu_kernel=True, swiglu_config=SwigluGemmConfig(tma=True, persistent=True)),
     "mm-add": LargeStepOptions(add_in_gemm=False),  # the default before 2026-12-05
     "one-row-silu": LargeStepOptions(silu_row_tiles=False),  # the default before 2026-12-06
     "all": LargeStepOptions(float32_qkv=False, swiglu_kernel=True, add_in_gemm=True),
@@ -96,7 +103,8 @@ def linear_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, ad
     return residual.add_(F.linear(x, weight))
 
 
-def linear_swiglu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+def linear_swiglu(x: torch.Tensor, weight: torch.Tensor, config: SwigluGemmConfig | None = None
+                  ) -> torch.Tensor | None:
     """``silu(x @ gate.T) * (x @ up.T)`` in x's dtype from the packed gate | up ``weight``, the
     products unrounded, in one kernel; None for the steps it leaves to the skinny GEMM + silu_mul
     (at most ``SKINNY_MAX_ROWS`` rows, or no CUDA device outside Triton's interpreter)."""
@@ -104,7 +112,7 @@ def linear_swiglu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
         return None
     from kernels.swiglu_gemm import swiglu_linear
 
-    return swiglu_linear(x, weight)
+    return swiglu_linear(x, weight, config=config)
 
 
 _FLOAT32_PRODUCTS: bool | None = None
