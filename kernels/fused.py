@@ -420,13 +420,14 @@ def rotary_reference(
 
 
 @triton.jit(do_not_specialize=["num_rows", "num_cols"])
-def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, num_rows, num_cols, stride_g, stride_u, stride_o,
+def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, num_rows, num_cols, stride_g, stride_u, stride_o, col_g, col_u,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr):
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
     cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
     mask = (rows < num_rows) & (cols < num_cols)
-    g = tl.load(gate_ptr + rows * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(up_ptr + rows * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    # col_g / col_u: 1 for contiguous rows (Triton specializes it), 2 for an interleaved product
+    g = tl.load(gate_ptr + rows * stride_g + cols * col_g, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(up_ptr + rows * stride_u + cols * col_u, mask=mask, other=0.0).to(tl.float32)
     if INTERPRETED:  # no libdevice in the interpreter (numpy's exp, as torch's CPU kernel)
         e = tl.exp(-g)
     else:
@@ -465,7 +466,8 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor | None = None, *, out: torch.T
              tile: SiluMulTile | Callable[[int, int], SiluMulTile] | None = None) -> torch.Tensor:
     """SwiGLU's ``F.silu(gate) * up`` for [N, I] rows. ``silu_mul(gate_up)`` takes one [N, 2I]
     tensor (gate the first half of each row, up the second, as a fused gate/up projection
-    gives); ``silu_mul(gate, up)`` two [N, I] tensors of one dtype. Returns [N, I] in that dtype,
+    gives); ``silu_mul(gate, up)`` two [N, I] tensors of one dtype (any strides: the columns of an
+    interleaved gate | up product are views of stride 2). Returns [N, I] in that dtype,
     or in ``out``'s (silu is rounded to gate's dtype, the product to out's). ``tile``: the
     programs' tile, or a function of (rows, columns) that picks one (default ``silu_mul_tile``);
     every tile computes the same bits."""
@@ -480,14 +482,15 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor | None = None, *, out: torch.T
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device) if out is None else out
     if out.shape != gate.shape:
         raise ValueError(f"out must be {tuple(gate.shape)}, got {tuple(out.shape)}")
-    _check_last_dim_contiguous(gate=gate, up=up, out=out)
+    _check_last_dim_contiguous(out=out)
     num_rows, num_cols = gate.shape
     if num_rows == 0 or num_cols == 0:
         return out
     tile = silu_mul_tile if tile is None else tile
     tile = tile if isinstance(tile, SiluMulTile) else tile(num_rows, num_cols)
     _silu_mul_kernel[(triton.cdiv(num_rows, tile.rows), triton.cdiv(num_cols, tile.cols))](
-        gate, up, out, num_rows, num_cols, gate.stride(0), up.stride(0), out.stride(0), BLOCK_M=tile.rows,
+        gate, up, out, num_rows, num_cols, gate.stride(0), up.stride(0), out.stride(0), gate.stride(1),
+        up.stride(1), BLOCK_M=tile.rows,
         BLOCK_N=tile.cols, INTERPRETED=interpreting(), num_warps=tile.warps, **_LAUNCH,
     )
     return out

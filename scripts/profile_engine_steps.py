@@ -18,7 +18,8 @@ Triton path, run twice on one engine per variant; the second pass is timed. For 
 Variants: ``default`` (the committed engine), ``bf16-large`` (steps above 32 rows use bf16
 products, ``matmul.UNROUNDED_MAX_ROWS = 32``), ``refresh-8192`` (``max_refresh_tokens`` 8192),
 and the large-step matmul options of ``dilaserve/engine/gpu/matmul.py`` (``bf16-qkv``,
-``swiglu``, ``swiglu-tma``, ``swiglu-tma-persistent``, ``mm-add``, ``all``,
+``swiglu``, ``swiglu-tma``, ``swiglu-tma-persistent``, ``swiglu-tma-8192``, ``swiglu-il``,
+``swiglu-il-2048``, ``mm-add``, ``all``,
 ``one-row-silu``), and ``one-host-thread`` (the default
 with torch's CPU ops on one thread: the step's input building is many small CPU ops).
 Writes ``engine_steps_<device>_<date>.{json,md}`` under ``--out``. ``--tiny`` runs a toy model
@@ -58,6 +59,9 @@ VARIANTS = {
     "swiglu": ({}, None, "swiglu"),
     "swiglu-tma": ({}, None, "swiglu-tma"),
     "swiglu-tma-persistent": ({}, None, "swiglu-tma-persistent"),
+    "swiglu-tma-8192": ({}, None, "swiglu-tma-8192"),
+    "swiglu-il": ({}, None, "swiglu-il"),
+    "swiglu-il-2048": ({}, None, "swiglu-il-2048"),
     "mm-add": ({}, None, "mm-add"),
     "all": ({}, None, "all"),
     "one-row-silu": ({}, None, "one-row-silu"),
@@ -185,7 +189,8 @@ def _run_variant(model, name: str, args, num_pages: int, profile: bool) -> dict:
     finished = engine.num_finished - finished_before
     row = {
         "variant": name, "host_threads": torch.get_num_threads(), "overrides": overrides, "unrounded_max_rows": unrounded,
-        "large_step_options": vars(matmul.VARIANTS[options]), "concurrency": args.concurrency,
+        "large_step_options": {k: (vars(v) if hasattr(v, "__dict__") else v)
+                               for k, v in vars(matmul.VARIANTS[options]).items()}, "concurrency": args.concurrency,
         "cold_seconds": cold_s, "seconds": seconds, "steps": steps, "finished": finished,
         "tokens_per_s": finished * args.max_tokens / seconds, "ms_per_step": seconds / steps * 1e3,
         "phases_ms_per_step": {p: clock.seconds[p] / steps * 1e3 for p in PHASES},

@@ -157,9 +157,9 @@ def main() -> None:
         for r in rows_out:
             c = r["gate_up"]["configs"][i]
             cells.append(f"{c['ms']:.3f} ({c['tflops']:.0f})" if "ms" in c else "failed")
-        name = (f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} s{cfg.num_stages} w{cfg.num_warps}"
-                + (" tma" if cfg.tma else "") + (" persistent" if cfg.persistent else ""))
-        lines.append(f"| {name} | {group} | " + " | ".join(cells) + " |")
+        label = (f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} s{cfg.num_stages} w{cfg.num_warps}"
+                 + (" tma" if cfg.tma else "") + (" persistent" if cfg.persistent else ""))
+        lines.append(f"| {label} | {group} | " + " | ".join(cells) + " |")
     lines += ["", "## o / down into the float32 stream, q | k | v", "",
               "| rows | o: mm + add | o: addmm | down: mm + add | down: addmm | down: bf16 + add | qkv bf16 | qkv fp32 |",
               "|---:|---:|---:|---:|---:|---:|---:|---:|"]

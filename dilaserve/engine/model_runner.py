@@ -53,7 +53,7 @@ class ModelRunner:
         )
         self.block_ops = self.fast_path.block_ops if self.fast_path else None
         if self.block_ops is not None:  # q|k|v and gate|up as one matmul each (memory-neutral views)
-            pack_projections(model)
+            pack_projections(model, interleave_pairs=self.block_ops.interleave_gate_up)
         self.graphs = ReuseGraphs(model, self.cache, self.attention_cls, num_pages * page_size,
                                   self.spec.mask_token_id, ops=self.block_ops,
                                   causal_block_size=self.spec.causal_block_size) if use_graphs else None

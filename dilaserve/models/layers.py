@@ -89,10 +89,14 @@ class BlockOps:
     linear_wide: Callable | None = None
     # Whether q | k | v use linear_wide (else linear: bf16 products, as every other step's).
     wide_qkv: bool = True
-    # ``linear_swiglu(x, gate_up_weight)``: silu x up of the packed gate | up products in x's
-    # dtype, the products unrounded, in one kernel; None where it leaves a step to linear_wide
-    # and silu_mul.
+    # ``linear_swiglu(x, gate_up_weight, group=)``: silu x up of the packed gate | up products in
+    # x's dtype, the products unrounded, in one kernel (group: the pack's row order, see
+    # ``PackedProjection.interleave``); None where it leaves a step to linear_wide and silu_mul.
     linear_swiglu: Callable | None = None
+    # Whether the runner interleaves gate | up packs row by row (read by ``ModelRunner``).
+    interleave_gate_up: bool = False
+    # A large step's MLP runs on slices of at most this many rows (its temporaries' memory).
+    mlp_chunk_tokens: int = MLP_CHUNK_TOKENS
     # The steps (by rows) that use linear_add and linear_wide; larger ones round their products
     # to bf16 and add them in the next norm (None: every step). Wider products cost large,
     # compute-bound steps memory traffic.
@@ -206,7 +210,8 @@ def _fused_block(x, layer_idx, attn_norm, q_proj, k_proj, v_proj, o_proj, mlp_no
 
     def mlp(rows: torch.Tensor, stream: torch.Tensor) -> torch.Tensor | PendingResidual:
         fused_mlp = gate_up is not None and gate_up.bias is None and wide is not None and ops.linear_swiglu
-        mid = ops.linear_swiglu(rows, gate_up.weight) if fused_mlp else None  # None: not for this step
+        # None: not for this step
+        mid = ops.linear_swiglu(rows, gate_up.weight, group=gate_up.group) if fused_mlp else None
         if mid is not None:
             pass
         elif gate_up is not None and wide is not None:  # float32 gate, up; silu x up rounds once
@@ -219,13 +224,14 @@ def _fused_block(x, layer_idx, attn_norm, q_proj, k_proj, v_proj, o_proj, mlp_no
             return ops.linear_add(mid, down_proj.weight, stream)
         return PendingResidual(stream, down_proj(mid))
 
-    if n <= MLP_CHUNK_TOKENS:
+    chunk = ops.mlp_chunk_tokens
+    if n <= chunk:
         return mlp(h, x)  # x updated in place, or a pending residual the next norm adds
     # A large step (refreshes of many requests): the MLP's [tokens, 3 x intermediate] temporaries
     # are a step's largest memory; in slices of MLP_CHUNK_TOKENS rows they stay bounded.
     out = x if add_down else torch.empty_like(x)
-    for start in range(0, n, MLP_CHUNK_TOKENS):
-        end = min(start + MLP_CHUNK_TOKENS, n)
+    for start in range(0, n, chunk):
+        end = min(start + chunk, n)
         part = mlp(h[start:end], x[start:end])
         if not add_down:
             torch.add(part.stream, part.delta, out=out[start:end])

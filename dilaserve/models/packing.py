@@ -51,6 +51,25 @@ class PackedProjection:
                 m.bias = nn.Parameter(self.bias[offset:offset + size], requires_grad=False)
             offset += size
         self._pointers = [m.weight.data_ptr() for m in members]
+        # 0: members' rows one after another; 1: a pair interleaved row by row (``interleave``)
+        self.group = 0
+
+    def interleave(self) -> None:
+        """Reorders a pair of equal widths (gate | up) in place so row 2j is the first member's
+        row j and row 2j + 1 the second's, as ``kernels.swiglu_gemm`` reads it with one dot per
+        step (``group=1``); the members' weights become views of stride 2 rows into it, so an
+        in-place load still reaches the pack. The products come out interleaved too, and
+        ``__call__`` returns them as stride-2 column views."""
+        if self.group == 1:
+            return
+        if len(self.members) != 2 or self.sizes[0] != self.sizes[1] or self.bias is not None:
+            raise ValueError("only a pair of bias-free projections of one width can be interleaved")
+        w = self.weight
+        w.copy_(torch.stack(w.chunk(2), dim=1).reshape(w.shape))
+        for i, m in enumerate(self.members):
+            m.weight = nn.Parameter(w[i::2], requires_grad=False)
+        self._pointers = [m.weight.data_ptr() for m in self.members]
+        self.group = 1
 
     def is_current(self) -> bool:
         """False once a member's weight was replaced (not copied into): the pack is stale."""
@@ -59,13 +78,19 @@ class PackedProjection:
     def __call__(self, x: torch.Tensor, linear=None) -> tuple[torch.Tensor, ...]:
         """``linear(x, weight)``: the matmul to use for a pack without bias (default F.linear)."""
         if linear is None or self.bias is not None:
-            return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
-        return linear(x, self.weight).split(self.sizes, dim=-1)
+            out = F.linear(x, self.weight, self.bias)
+        else:
+            out = linear(x, self.weight)
+        if self.group == 1:
+            return out[..., 0::2], out[..., 1::2]
+        return out.split(self.sizes, dim=-1)
 
 
-def pack_projections(model: nn.Module) -> int:
+def pack_projections(model: nn.Module, interleave_pairs: bool = False) -> int:
     """Packs every projection group of ``model`` (see ``GROUPS``) in place; returns the number
-    of groups packed. Calling it again changes nothing."""
+    of groups packed. With ``interleave_pairs``, two-member groups (gate | up) are interleaved
+    row by row (``PackedProjection.interleave``), packed now or before. Calling it again
+    changes nothing else."""
     groups = GROUPS.get(model.spec.model_type.lower(), ())
     count = 0
     for module in model.modules():
@@ -73,10 +98,13 @@ def pack_projections(model: nn.Module) -> int:
             members = tuple(getattr(module, n, None) for n in names)
             if not all(isinstance(m, nn.Linear) for m in members):
                 continue
-            if packed(*members) is None:
+            pack = packed(*members)
+            if pack is None:
                 pack = PackedProjection(members)
                 for m in members:
                     _PACKS[m] = pack
+            if interleave_pairs and len(members) == 2:
+                pack.interleave()
             count += 1
     return count
 

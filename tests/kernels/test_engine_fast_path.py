@@ -50,7 +50,7 @@ def test_triton_path_matches_torch_path(llada, device, decoding):
     assert {k: v[0] for k, v in triton_path.items()} == {k: v[0] for k, v in torch_path.items()}
 
 
-@pytest.mark.parametrize("variant", ["mm-add", "bf16-qkv", "swiglu", "swiglu-tma-persistent", "all"])
+@pytest.mark.parametrize("variant", ["mm-add", "bf16-qkv", "swiglu", "swiglu-tma-persistent", "swiglu-il", "all"])
 def test_large_step_variants_decode_the_same_tokens(llada, device, variant, monkeypatch):
     """Each way of running steps above 32 rows (matmul.VARIANTS) decodes as the torch path; the
     steps here (refreshes of 3 requests, ~80 rows) take those paths."""
@@ -63,17 +63,21 @@ def test_large_step_variants_decode_the_same_tokens(llada, device, variant, monk
     params = SamplingParams(max_tokens=16, block_size=8, cache="dual", steps=4)
     requests = [(f"r{i}", p, params) for i, p in enumerate(prompts)]
     torch_path = run_to_completion(_engine(model, fast=False), requests)
-    engine = _engine(model, fast=True)
+    engine = new_engine(model, kernels="triton")  # the runner builds its fast path (and packs) itself
     if matmul.OPTIONS.swiglu_kernel:
         calls = []
         real = engine.runner.block_ops.linear_swiglu
         engine.runner.block_ops = dataclasses.replace(
-            engine.runner.block_ops, linear_swiglu=lambda x, w: calls.append(x.shape[0]) or real(x, w))
+            engine.runner.block_ops, linear_swiglu=lambda x, w, **kw: calls.append(x.shape[0]) or real(x, w, **kw))
         engine.runner.fast_path = dataclasses.replace(engine.runner.fast_path, block_ops=engine.runner.block_ops)
     triton_path = run_to_completion(engine, requests)
     assert {k: v[0] for k, v in triton_path.items()} == {k: v[0] for k, v in torch_path.items()}
     if matmul.OPTIONS.swiglu_kernel:
         assert any(rows > matmul.SKINNY_MAX_ROWS for rows in calls)  # the kernel ran on the large steps
+    from dilaserve.models.packing import _PACKS
+
+    groups = {pack.group for pack in _PACKS.values() if pack.members[0] in set(model.modules())}
+    assert groups == ({0, 1} if matmul.OPTIONS.interleave_gate_up else {0})  # gate | up interleaved or not
 
 
 def test_block_causal_model_on_the_triton_path(sdar, device):

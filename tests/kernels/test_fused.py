@@ -230,12 +230,26 @@ def test_every_silu_mul_tile_computes_the_same_bits(in_dtype, device):
         assert torch.equal(out, ref), tile
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_reads_an_interleaved_gate_up_product(dtype, device):
+    """An interleaved gate | up product (gate j, up j adjacent: ``PackedProjection.interleave``)
+    gives gate and up as stride-2 column views; silu_mul reads them in place, same bits as from
+    contiguous copies, for both tile shapes."""
+    product = randn(70, 2 * 37, device=device).to(dtype)
+    gate, up = product[:, 0::2], product[:, 1::2]
+    for tile in (fused.one_row_tile, fused.silu_mul_tile(128, 37)):
+        out = fused.silu_mul(gate, up, out=torch.empty(70, 37, dtype=torch.bfloat16, device=device), tile=tile)
+        expect = fused.silu_mul(gate.contiguous(), up.contiguous(),
+                                out=torch.empty(70, 37, dtype=torch.bfloat16, device=device), tile=tile)
+        assert torch.equal(out, expect)
+
+
 def test_inputs_with_a_strided_last_dimension_are_refused(device):
     x = randn(4, 8, device=device)
     with pytest.raises(ValueError, match="last dimension must be contiguous"):
         fused.rms_norm(x.t(), torch.ones(4, device=device), EPS)
     with pytest.raises(ValueError, match="last dimension must be contiguous"):
-        fused.silu_mul(x[:, ::2])
+        fused.silu_mul(x[:, :2], x[:, 2:4], out=torch.empty(2, 4, device=device).t())
     q = randn(2, 4, 8, device=device)
     with pytest.raises(ValueError, match="last dimension must be contiguous"):
         fused.rotary(q.transpose(1, 2), q.transpose(1, 2), torch.ones(2, 1, 4), torch.ones(2, 1, 4))

@@ -15,12 +15,12 @@ REFERENCE_OPS = BlockOps(fused.rms_norm_reference, fused.add_rms_norm_reference,
                          fused.silu_mul_reference)
 
 
-def forward(model, lens=(5, 9, 3)):
+def forward(model, lens=(5, 9, 3), ops=REFERENCE_OPS):
     gen = torch.Generator().manual_seed(0)
     ids = torch.cat([torch.randint(0, 250, (n,), generator=gen) for n in lens])
     positions = torch.cat([torch.arange(n) for n in lens])
     with torch.no_grad():
-        return model(ids, positions, DenseAttention(list(lens)), REFERENCE_OPS)
+        return model(ids, positions, DenseAttention(list(lens)), ops)
 
 
 def blocks(model):
@@ -100,15 +100,50 @@ def test_only_the_exact_group_matches(checkpoint):
     assert packed(v) is None
 
 
-def test_mlp_in_slices_equals_the_whole(checkpoint, monkeypatch):
-    """A step longer than MLP_CHUNK_TOKENS runs its MLP slice by slice: same hidden states."""
-    from dilaserve.models import layers
+@pytest.mark.parametrize("interleave", [False, True])
+def test_mlp_in_slices_equals_the_whole(checkpoint, interleave):
+    """A step longer than ``BlockOps.mlp_chunk_tokens`` runs its MLP slice by slice: same hidden
+    states (gate | up packed in order or interleaved)."""
+    import dataclasses
 
     model = load_model(checkpoint)
-    pack_projections(model)
+    pack_projections(model, interleave_pairs=interleave)
     whole = forward(model, lens=(7, 12, 5))
-    monkeypatch.setattr(layers, "MLP_CHUNK_TOKENS", 5)  # 24 tokens: slices of 5, the last of 4
-    torch.testing.assert_close(forward(model, lens=(7, 12, 5)), whole, rtol=1e-6, atol=1e-6)
+    sliced = dataclasses.replace(REFERENCE_OPS, mlp_chunk_tokens=5)  # 24 tokens: slices of 5, the last of 4
+    calls = []
+    silu_mul = sliced.silu_mul
+    sliced = dataclasses.replace(sliced, silu_mul=lambda g, u=None, **kw: calls.append(g.shape[0]) or silu_mul(g, u))
+    torch.testing.assert_close(forward(model, lens=(7, 12, 5), ops=sliced), whole, rtol=1e-6, atol=1e-6)
+    assert calls and max(calls) == 5  # the MLP did run in slices
+
+
+def test_interleaved_gate_up_computes_the_same(checkpoint):
+    """gate | up interleaved row by row (for the one-dot SwiGLU kernel): the same forward, the
+    members still views of the one packed weight holding their own rows, q | k | v untouched,
+    and a later in-place load still reaches the pack."""
+    model = load_model(checkpoint)
+    before = forward(model)
+    originals = {id(m): m.weight.detach().clone() for g in blocks(model) for m in g}
+    pack_projections(model, interleave_pairs=True)
+    for group in blocks(model):
+        pack = packed(*group)
+        assert pack is not None and pack.group == (1 if len(group) == 2 else 0)
+        for member in group:
+            assert torch.equal(member.weight, originals[id(member)])
+            assert member.weight.untyped_storage().data_ptr() == pack.weight.untyped_storage().data_ptr()
+        if len(group) == 2:
+            assert torch.equal(pack.weight[0::2], originals[id(group[0])])
+    torch.testing.assert_close(forward(model), before, rtol=1e-5, atol=1e-5)
+    first = [packed(*g) for g in blocks(model)]
+    pack_projections(model, interleave_pairs=True)  # again: nothing moves
+    assert [packed(*g) for g in blocks(model)] == first
+    torch.testing.assert_close(forward(model), before, rtol=1e-5, atol=1e-5)
+    other = load_model(checkpoint)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(0.5)
+    model.load_state_dict(other.state_dict())
+    torch.testing.assert_close(forward(model), forward(other), rtol=1e-5, atol=1e-5)
 
 
 def test_float32_residual_stream_halves_bf16_error():

@@ -65,7 +65,7 @@ def fast_block_ops():
     import functools
 
     from dilaserve.engine.gpu import matmul
-    from dilaserve.models.layers import BlockOps
+    from dilaserve.models.layers import MLP_CHUNK_TOKENS, BlockOps
     from kernels import fused
 
     if torch.cuda.is_available():
@@ -77,7 +77,9 @@ def fast_block_ops():
                     linear_add=functools.partial(matmul.linear_add, add_in_gemm=opts.add_in_gemm),
                     linear_swiglu=functools.partial(matmul.linear_swiglu, config=opts.swiglu_config)
                     if opts.swiglu_kernel else None,
-                    wide_qkv=opts.float32_qkv, unrounded_max_rows=matmul.UNROUNDED_MAX_ROWS)
+                    wide_qkv=opts.float32_qkv, unrounded_max_rows=matmul.UNROUNDED_MAX_ROWS,
+                    interleave_gate_up=opts.interleave_gate_up,
+                    mlp_chunk_tokens=opts.mlp_chunk_tokens or MLP_CHUNK_TOKENS)
 
 
 def _interpreting() -> bool:

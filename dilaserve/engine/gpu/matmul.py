@@ -46,6 +46,12 @@ class LargeStepOptions:
     swiglu_kernel: bool = False
     # its tiles (None: kernels.swiglu_gemm.DEFAULT_CONFIG)
     swiglu_config: SwigluGemmConfig | None = None
+    # gate | up packs interleaved row by row, so the kernel runs one dot per K step (needs a tma
+    # config; small steps then read the product's stride-2 columns)
+    interleave_gate_up: bool = False
+    # rows per MLP slice of a large step (None: layers.MLP_CHUNK_TOKENS, 2048); the one-kernel
+    # MLP holds no float32 [rows, 2I] products, so its slices can be larger
+    mlp_chunk_tokens: int | None = None
     # o / down added into the float32 stream by cuBLAS itself (addmm, beta = 1), else a
     # float32-output matmul and an add. The default since the H100 run of 2026-12-05
     # (docs/benchmarks/large_steps_h100_2026-12-05/): the same sums (max difference 0.0),
@@ -65,6 +71,13 @@ VARIANTS = {
     "swiglu-tma": LargeStepOptions(swiglu_kernel=True, swiglu_config=SwigluGemmConfig(tma=True)),
     "swiglu-tma-persistent": LargeStepOptions(
         swiglu_kernel=True, swiglu_config=SwigluGemmConfig(tma=True, persistent=True)),
+    "swiglu-tma-8192": LargeStepOptions(
+        swiglu_kernel=True, swiglu_config=SwigluGemmConfig(num_stages=4, tma=True), mlp_chunk_tokens=8192),
+    "swiglu-il": LargeStepOptions(
+        swiglu_kernel=True, swiglu_config=SwigluGemmConfig(tma=True, persistent=True), interleave_gate_up=True,
+        mlp_chunk_tokens=8192),
+    "swiglu-il-2048": LargeStepOptions(
+        swiglu_kernel=True, swiglu_config=SwigluGemmConfig(tma=True, persistent=True), interleave_gate_up=True),
     "mm-add": LargeStepOptions(add_in_gemm=False),  # the default before 2026-12-05
     "one-row-silu": LargeStepOptions(silu_row_tiles=False),  # the default before 2026-12-06
     "all": LargeStepOptions(float32_qkv=False, swiglu_kernel=True, add_in_gemm=True),
@@ -103,8 +116,8 @@ def linear_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, ad
     return residual.add_(F.linear(x, weight))
 
 
-def linear_swiglu(x: torch.Tensor, weight: torch.Tensor, config: SwigluGemmConfig | None = None
-                  ) -> torch.Tensor | None:
+def linear_swiglu(x: torch.Tensor, weight: torch.Tensor, config: SwigluGemmConfig | None = None,
+                  group: int = 0) -> torch.Tensor | None:
     """``silu(x @ gate.T) * (x @ up.T)`` in x's dtype from the packed gate | up ``weight``, the
     products unrounded, in one kernel; None for the steps it leaves to the skinny GEMM + silu_mul
     (at most ``SKINNY_MAX_ROWS`` rows, or no CUDA device outside Triton's interpreter)."""
@@ -112,7 +125,7 @@ def linear_swiglu(x: torch.Tensor, weight: torch.Tensor, config: SwigluGemmConfi
         return None
     from kernels.swiglu_gemm import swiglu_linear
 
-    return swiglu_linear(x, weight, config=config)
+    return swiglu_linear(x, weight, config=config, group=group)
 
 
 _FLOAT32_PRODUCTS: bool | None = None
