@@ -196,7 +196,7 @@ def _run_variant(model, name: str, args, num_pages: int, profile: bool) -> dict:
         "phases_ms_per_step": {p: clock.seconds[p] / steps * 1e3 for p in PHASES},
     }
     row["phases_ms_per_step"]["rest"] = row["ms_per_step"] - sum(row["phases_ms_per_step"].values())
-    if profile:
+    if profile and args.profile_steps > 0:  # --profile-steps 0: no profiled pass
         lo = min(args.profile_from, max(0, steps - args.profile_steps - 1))
         _, _, prof, window_s = one_pass("prof", window=(lo, lo + args.profile_steps))
         if prof is not None:
