@@ -11,7 +11,8 @@ tokens / keys of one request):
   with the fused block kernels (the GPU fast path) RoPE makes no copies, the residual stream is
   float32, the q | k | v and gate | up products are float32 and the MLP runs on at most
   ``C = mlp_chunk_tokens`` tokens at a time: ``(4 + b) d T + max((4 (d + 2kv) + 2bd) T,
-  (8 + 2b) f min(T, C))``;
+  (8 + 2b) f min(T, C))``; with the one-kernel SwiGLU (``fused_mlp``) a slice holds only
+  silu x up, ``b f min(T, C)``, except on steps of at most 32 rows (float32 products there);
 - attention on the torch reference path, which gathers each request's keys into a padded
   tensor and forms scores: ``R * (2 * L * H * D * b + Q * H * D * b + H * Q * L * 4)``; the
   Triton kernel reads the pages in place (0);
@@ -42,19 +43,25 @@ class StepMemoryModel:
     padded_attention: bool = True  # the torch reference attention (gathers keys, forms scores)
     logit_splits: int = 64  # vocabulary splits of the fused kernel
     fused_block: bool = False  # the fused block kernels (layers.BlockOps): float32 stream, MLP slices, no RoPE copies
-    mlp_chunk_tokens: int = 2048  # layers.MLP_CHUNK_TOKENS
+    mlp_chunk_tokens: int = 2048  # layers.MLP_CHUNK_TOKENS (BlockOps.mlp_chunk_tokens)
+    fused_mlp: bool = False  # BlockOps.linear_swiglu: gate | up and silu x up in one kernel above 32 rows
 
     @classmethod
     def for_spec(cls, spec, dtype_bytes: int = 4, fused_logits: bool = False,
-                 padded_attention: bool = True, fused_block: bool = False) -> "StepMemoryModel":
+                 padded_attention: bool = True, fused_block: bool = False, block_ops=None) -> "StepMemoryModel":
+        """``block_ops``: the fast path's ``BlockOps`` (its MLP slice size and kernel)."""
+        extra = {} if block_ops is None else {"mlp_chunk_tokens": block_ops.mlp_chunk_tokens,
+                                              "fused_mlp": block_ops.linear_swiglu is not None}
         return cls(spec.hidden_size, spec.intermediate_size, spec.num_heads, spec.num_kv_heads, spec.head_dim,
-                   spec.vocab_size, dtype_bytes, fused_logits, padded_attention, fused_block=fused_block)
+                   spec.vocab_size, dtype_bytes, fused_logits, padded_attention, fused_block=fused_block, **extra)
 
     def forward_bytes(self, tokens: int) -> int:
         d, kv, f, b = self.hidden_size, self.num_kv_heads * self.head_dim, self.intermediate_size, self.dtype_bytes
         if self.fused_block:
-            return ((4 + b) * d * tokens
-                    + max((4 * (d + 2 * kv) + 2 * b * d) * tokens, (8 + 2 * b) * f * min(tokens, self.mlp_chunk_tokens)))
+            rows = min(tokens, self.mlp_chunk_tokens)
+            mlp = (max(b * f * rows, (8 + 2 * b) * f * min(rows, 32)) if self.fused_mlp
+                   else (8 + 2 * b) * f * rows)
+            return (4 + b) * d * tokens + max((4 * (d + 2 * kv) + 2 * b * d) * tokens, mlp)
         return tokens * (b * (2 * d + max(3 * d + 2 * kv, 4 * f)) + 12 * d)
 
     def attention_bytes(self, num_requests: int, max_tokens: int, max_keys: int) -> int:

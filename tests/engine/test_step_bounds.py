@@ -174,6 +174,37 @@ def test_memory_model_of_the_fused_block_counts_mlp_slices():
     assert StepMemoryModel(**SPEC).mlp_chunk_tokens == MLP_CHUNK_TOKENS
 
 
+def test_memory_model_of_the_one_kernel_swiglu():
+    """With gate | up and silu x up in one kernel a slice holds only silu x up (b f per row), but
+    steps of at most 32 rows still take float32 products (the skinny GEMM + silu_mul)."""
+    m = StepMemoryModel(**SPEC, dtype_bytes=2, fused_block=True, mlp_chunk_tokens=300, fused_mlp=True)
+    attn = 4 * 192 + 256  # bytes per token of the attention temporaries (d 64, kv 64)
+    assert m.forward_bytes(20) == 6 * 64 * 20 + max(attn * 20, 1536 * 20)  # small: float32 products
+    assert m.forward_bytes(1000) == 6 * 64 * 1000 + max(attn * 1000, 2 * 128 * 300, 1536 * 32)
+    # at 300 tokens the float32 products' slice (1536 x 300) would lead; silu x up alone does not
+    composed = StepMemoryModel(**SPEC, dtype_bytes=2, fused_block=True, mlp_chunk_tokens=300)
+    assert composed.forward_bytes(300) == 6 * 64 * 300 + 1536 * 300
+    assert m.forward_bytes(300) == 6 * 64 * 300 + attn * 300
+
+
+def test_the_engine_prices_memory_with_its_block_ops():
+    """``StepMemoryModel.for_spec(block_ops=...)`` takes the fast path's MLP slice size and kernel."""
+    import dataclasses
+
+    from types import SimpleNamespace
+
+    from dilaserve.models.layers import BlockOps
+
+    spec = SimpleNamespace(**SPEC)
+
+    ops = BlockOps(None, None, None, None, linear_swiglu=lambda *a, **k: None, mlp_chunk_tokens=4096)
+    m = StepMemoryModel.for_spec(spec, 2, fused_block=True, block_ops=ops)
+    assert (m.mlp_chunk_tokens, m.fused_mlp) == (4096, True)
+    m = StepMemoryModel.for_spec(spec, 2, fused_block=True, block_ops=dataclasses.replace(ops, linear_swiglu=None))
+    assert (m.mlp_chunk_tokens, m.fused_mlp) == (4096, False)
+    assert StepMemoryModel.for_spec(spec, 2).fused_mlp is False
+
+
 def test_memory_budget_caps_the_batch():
     m = StepMemoryModel(**SPEC, dtype_bytes=4)
     one_reuse = m.step_bytes(32, 32, 1, 32, 128)
