@@ -198,7 +198,7 @@ def interleave_gate_up(w_gate_up: torch.Tensor, group: int) -> torch.Tensor:
     return torch.stack((gate.reshape(-1, group, k), up.reshape(-1, group, k)), dim=1).reshape(2 * inter, k)
 
 
-def _tma_ok(*tensors: torch.Tensor) -> bool:
+def tma_ok(*tensors: torch.Tensor) -> bool:
     """Tensor descriptors need 16-byte aligned bases and row strides."""
     return all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in tensors)
 
@@ -240,10 +240,10 @@ def swiglu_linear(x: torch.Tensor, w_gate_up: torch.Tensor, *, out: torch.Tensor
                          f"(or group 1), got {cfg}")
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(inter, cfg.block_n)
     dot_precision = "ieee" if x.dtype == torch.float32 or interpreting() else "tf32"
-    if cfg.tma and (group or _tma_ok(x, w_gate_up, out)):
+    if cfg.tma and (group or tma_ok(x, w_gate_up, out)):
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        if not _tma_ok(x, w_gate_up, out):
+        if not tma_ok(x, w_gate_up, out):
             raise ValueError("tensor descriptors need 16-byte aligned rows")
         w_rows = cfg.block_n if group == 0 else 2 * cfg.block_n
         # persistent: one program per SM (under the interpreter, 3: each walks several tiles)

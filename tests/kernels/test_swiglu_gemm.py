@@ -106,3 +106,18 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="power of two"):
         SwigluGemmConfig(block_m=24)
     assert swiglu_linear(torch.zeros(0, 8), torch.zeros(4, 8)).shape == (0, 2)
+
+
+def test_the_fast_path_leaves_unaligned_interleaved_steps_to_the_composed_path(device):
+    """matmul.linear_swiglu on an interleaved pack whose rows TMA cannot describe (K = 13 bf16)
+    returns None, so the block runs the composed path instead of failing."""
+    from dilaserve.engine.gpu import matmul
+
+    x = randn(40, 13, dtype=torch.bfloat16, device=device)
+    w = interleave_gate_up(randn(2 * 16, 13, dtype=torch.bfloat16, device=device, seed=1), 1)
+    cfg = SwigluGemmConfig(16, 16, 16, 2, 2, 4, tma=True)
+    assert matmul.linear_swiglu(x, w, config=cfg, group=1) is None
+    x = randn(40, 16, dtype=torch.bfloat16, device=device)
+    w = randn(2 * 16, 16, dtype=torch.bfloat16, device=device, seed=1)
+    out = matmul.linear_swiglu(x, interleave_gate_up(w, 1), config=cfg, group=1)
+    assert_one_rounding(out, composed(x, w), 16)

@@ -123,7 +123,12 @@ def linear_swiglu(x: torch.Tensor, weight: torch.Tensor, config: SwigluGemmConfi
     (at most ``SKINNY_MAX_ROWS`` rows, or no CUDA device outside Triton's interpreter)."""
     if x.shape[0] <= SKINNY_MAX_ROWS or not (x.is_cuda or interpreting()):
         return None
-    from kernels.swiglu_gemm import swiglu_linear
+    from kernels.swiglu_gemm import swiglu_linear, tma_ok
+
+    # an interleaved pack needs tensor descriptors (16-byte aligned rows of x, weight and the
+    # output); else the composed path serves, reading its product's stride-2 columns
+    if group and not (tma_ok(x, weight) and (weight.shape[0] // 2 * x.element_size()) % 16 == 0):
+        return None
 
     return swiglu_linear(x, weight, config=config, group=group)
 
