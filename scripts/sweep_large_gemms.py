@@ -13,6 +13,8 @@ LLaDA-8B shapes (K 4096, intermediate 12288), bf16 operands, random data. For ea
 - q | k | v: the matmul with a bf16 against a float32 output.
 
 Times are medians of CUDA-event-timed calls. Writes ``large_gemms_<device>_<date>.{json,md}``.
+
+    TRITON_INTERPRET=1 python3 scripts/sweep_large_gemms.py --interpret   # CPU: a check of the script
 """
 
 from __future__ import annotations
@@ -62,12 +64,27 @@ def main() -> None:
     parser.add_argument("--out", default="large-gemms-out")
     parser.add_argument("--rows", default="512,1024,2048,5888")
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--interpret", action="store_true", help="tiny shapes for a CPU run under TRITON_INTERPRET=1")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("sweep_large_gemms.py needs a CUDA GPU")
-    dev = torch.device("cuda")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type != "cuda" and not args.interpret:
+        raise SystemExit("sweep_large_gemms.py needs a CUDA GPU (or --interpret under TRITON_INTERPRET=1)")
     d, inter = 4096, 12288
+    if args.interpret:  # every config and path once, on shapes that leave partial row tiles
+        from kernels.interpreter import fix_scalar_index
+
+        fix_scalar_index()
+        d, inter, args.rows, args.reps = 64, 256, "40,130", 1
     gen = torch.Generator(device=dev).manual_seed(0)
+
+    def mm32(a, b_t):
+        """``a @ b_t`` in float32 as the fast path asks cuBLAS for it (CPU: the operands widened)."""
+        return torch.mm(a, b_t, out_dtype=torch.float32) if dev.type == "cuda" else a.float() @ b_t.float()
+
+    def addmm32(acc, a, b_t):
+        if dev.type == "cuda":
+            return torch.ops.aten.addmm.dtype_out(acc, a, b_t, torch.float32, out=acc)
+        return acc.add_(a.float() @ b_t.float())
 
     def rnd(*shape, scale=1.0):
         return (torch.randn(*shape, device=dev, generator=gen) * scale).to(torch.bfloat16)
@@ -88,14 +105,14 @@ def main() -> None:
             return silu_mul(torch.nn.functional.linear(x, w_gate_up))
 
         def fp32_path():
-            g = torch.mm(x, w_gate_up.t(), out_dtype=torch.float32)
+            g = mm32(x, w_gate_up.t())
             gate, up = g.split(inter, dim=1)
             return silu_mul(gate, up, out=torch.empty(m, inter, dtype=torch.bfloat16, device=dev))
 
         ref = fp32_path()
         row["gate_up"] = {
             "cublas_bf16_matmul_ms": timed(lambda: torch.nn.functional.linear(x, w_gate_up)),
-            "cublas_fp32_matmul_ms": timed(lambda: torch.mm(x, w_gate_up.t(), out_dtype=torch.float32)),
+            "cublas_fp32_matmul_ms": timed(lambda: mm32(x, w_gate_up.t())),
             "bf16_products_ms": timed(bf16_path),
             "fp32_products_ms": timed(fp32_path),
             "configs": [],
@@ -117,21 +134,20 @@ def main() -> None:
         for name, w in (("o", w_o), ("down", w_down)):
             xin = rnd(m, w.shape[1])
             stream = torch.randn(m, d, device=dev, generator=gen)
-            expect = stream + torch.mm(xin, w.t(), out_dtype=torch.float32)
-            got = torch.ops.aten.addmm.dtype_out(stream.clone(), xin, w.t(), torch.float32, out=stream.clone())
+            expect = stream + mm32(xin, w.t())
+            got = addmm32(stream.clone(), xin, w.t())
             s1, s2 = stream.clone(), stream.clone()
             row[name] = {
-                "mm_then_add_ms": timed(lambda: s1.add_(torch.mm(xin, w.t(), out_dtype=torch.float32))),
-                "addmm_in_place_ms": timed(
-                    lambda: torch.ops.aten.addmm.dtype_out(s2, xin, w.t(), torch.float32, out=s2)),
+                "mm_then_add_ms": timed(lambda: s1.add_(mm32(xin, w.t()))),
+                "addmm_in_place_ms": timed(lambda: addmm32(s2, xin, w.t())),
                 "bf16_then_add_ms": timed(lambda: s1.add_(torch.nn.functional.linear(xin, w))),
                 "addmm_max_abs_diff": float((got - expect).abs().max()),
             }
         row["qkv"] = {"bf16_ms": timed(lambda: torch.nn.functional.linear(x, w_qkv)),
-                      "fp32_ms": timed(lambda: torch.mm(x, w_qkv.t(), out_dtype=torch.float32))}
+                      "fp32_ms": timed(lambda: mm32(x, w_qkv.t()))}
         rows_out.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "gate_up"}), flush=True)
-    name = torch.cuda.get_device_name(dev)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU (Triton interpreter)"
     result = {"benchmark": "sweep_large_gemms", "device": name, "date": datetime.date.today().isoformat(),
               "torch": torch.__version__, "rows": rows_out}
     lines = [f"# Large-step matmuls on {name} ({result['date']})", "",

@@ -368,20 +368,6 @@ def markdown(result: dict) -> str:
 # --- Main ----------------------------------------------------------------------------------------
 
 
-def _fix_interpreter_scalar_index() -> None:
-    """As tests/kernels/conftest.py: Triton 3.6's interpreter turns a scalar into a loop bound with
-    ``int(array)``, which NumPy >= 2.4 refuses for 1-element arrays; take the element instead."""
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = patched
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="skinny-gemm-out", help="directory for the JSON and markdown results")
@@ -401,7 +387,9 @@ def main() -> None:
             raise SystemExit("sweep_skinny_gemm.py times kernels on a CUDA GPU; on CPU run it with --tiny "
                              "(TRITON_INTERPRET=1) as a smoke check of the script.")
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported
-        _fix_interpreter_scalar_index()
+        from kernels.interpreter import fix_scalar_index
+
+        fix_scalar_index()
     start = time.perf_counter()
 
     def log(msg: str) -> None:

@@ -125,6 +125,22 @@ def test_sweep_silu_mul_checks_every_tile_against_the_one_row_tile(tmp_path):
     assert len(tiles) > 10 and all(e["same_bits_as_first"] and e["us"] > 0 for e in tiles)
 
 
+def test_sweep_large_gemms_runs_every_config_under_the_interpreter(tmp_path):
+    """The GPU sweep's CPU mode: every SwiGLU config and row order ran (pointer loads, tensor
+    descriptors, persistent, interleaved) and matched the composed path within one rounding."""
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "sweep_large_gemms.py"), "--interpret",
+                             "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                            env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    [path] = tmp_path.glob("large_gemms_*.json")
+    report = json.loads(path.read_text())
+    configs = [c for r in report["rows"] for c in r["gate_up"]["configs"]]
+    assert len(configs) == 2 * len(report["rows"][0]["gate_up"]["configs"]) > 20
+    assert all("error" not in c and c["relative_error"] < 1e-3 for c in configs), configs
+    assert {c["config"]["group"] for c in configs} == {0, 1, 64, 128}
+    assert all(r["o"]["addmm_max_abs_diff"] == 0.0 for r in report["rows"])
+
+
 def test_profile_engine_steps_runs_each_variant(tmp_path):
     _run("profile_engine_steps.py", "--tiny", "--concurrency", "4", "--variants", "default,one-host-thread",
          "--out", str(tmp_path))
