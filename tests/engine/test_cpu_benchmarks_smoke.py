@@ -11,9 +11,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run(script: str, *args: str) -> None:
+def _run(script: str, *args: str, interpret: bool = False) -> None:
+    """Runs a script to exit 0 (``interpret``: its kernels in Triton's CPU interpreter)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"} if interpret else None
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args],
-                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+                            capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
@@ -114,10 +116,7 @@ def test_bench_engine_divides_by_a_fast_dllm_run_of_the_same_device_only(tmp_pat
 
 def test_sweep_silu_mul_checks_every_tile_against_the_one_row_tile(tmp_path):
     """The GPU sweep's CPU mode (Triton interpreter): every tile timed, and each gave the same bits."""
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "sweep_silu_mul.py"), "--interpret",
-                             "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=300,
-                            env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _run("sweep_silu_mul.py", "--interpret", "--out", str(tmp_path), interpret=True)
     [path] = tmp_path.glob("silu_mul_*.json")
     report = json.loads(path.read_text())
     assert {r["in_dtype"] for r in report["rows"]} == {"float32", "bfloat16"}
@@ -128,10 +127,7 @@ def test_sweep_silu_mul_checks_every_tile_against_the_one_row_tile(tmp_path):
 def test_sweep_large_gemms_runs_every_config_under_the_interpreter(tmp_path):
     """The GPU sweep's CPU mode: every SwiGLU config and row order ran (pointer loads, tensor
     descriptors, persistent, interleaved) and matched the composed path within one rounding."""
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "sweep_large_gemms.py"), "--interpret",
-                             "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=300,
-                            env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _run("sweep_large_gemms.py", "--interpret", "--out", str(tmp_path), interpret=True)
     [path] = tmp_path.glob("large_gemms_*.json")
     report = json.loads(path.read_text())
     configs = [c for r in report["rows"] for c in r["gate_up"]["configs"]]
