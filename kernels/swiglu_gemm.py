@@ -22,7 +22,7 @@ padded and clipped by the hardware), optionally from one persistent program per 
 weight may be interleaved (``interleave_gate_up``: gate row j, then up row j) so one
 [BLOCK_M, 2 BLOCK_N] dot a K step replaces the two, split in the epilogue. On an H200
 (``scripts/sweep_large_gemms.py``, 2026-12-06) that form ran at 626-633 TFLOP/s at 2048-5888
-rows, 7-9% under cuBLAS's float32 product + ``fused.silu_mul``; the pointer form ran at 479-522.
+rows, 7-9% less time than cuBLAS's float32 product + ``fused.silu_mul``; the pointer form ran at 479-522.
 
 Precision: bf16 / fp16 operands on tensor cores with float32 accumulation, float32 operands in
 IEEE float32 (not TF32); under the interpreter the dots run in float32 (``kernels.interpreter``).
