@@ -121,3 +121,18 @@ def test_the_fast_path_leaves_unaligned_interleaved_steps_to_the_composed_path(d
     w = randn(2 * 16, 16, dtype=torch.bfloat16, device=device, seed=1)
     out = matmul.linear_swiglu(x, interleave_gate_up(w, 1), config=cfg, group=1)
     assert_one_rounding(out, composed(x, w), 16)
+
+
+@pytest.mark.parametrize("group", [0, 1])
+def test_tensor_descriptors_write_into_an_out_view(group, device):
+    """An ``out`` view narrower than its rows (stride 40, width 32): the descriptor clips the
+    store to the view, nothing is written past it."""
+    m, inter, k = 37, 32, 48
+    x = randn(m, k, dtype=torch.bfloat16, device=device)
+    w = randn(2 * inter, k, dtype=torch.bfloat16, device=device, seed=1) / math.sqrt(k)
+    buf = torch.full((m, inter + 8), 7.0, dtype=torch.bfloat16, device=device)
+    cfg = SwigluGemmConfig(16, 16, 16, 2, 2, 4, tma=True, persistent=True)
+    out = swiglu_linear(x, interleave_gate_up(w, group), out=buf[:, :inter], config=cfg, group=group)
+    assert out.data_ptr() == buf.data_ptr()
+    assert_one_rounding(out, composed(x, w), k)
+    assert torch.all(buf[:, inter:] == 7.0)
