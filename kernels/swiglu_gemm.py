@@ -204,7 +204,10 @@ def interleave_gate_up(w_gate_up: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def tma_ok(*tensors: torch.Tensor) -> bool:
-    """Tensor descriptors need 16-byte aligned bases and row strides."""
+    """Whether tensor descriptors serve these tensors: 16-byte aligned bases and row strides, on
+    a Hopper or newer GPU (TMA; compute capability 9) or in the interpreter."""
+    if tensors and tensors[0].is_cuda and torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+        return False
     return all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in tensors)
 
 
@@ -249,7 +252,8 @@ def swiglu_linear(x: torch.Tensor, w_gate_up: torch.Tensor, *, out: torch.Tensor
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         if not tma_ok(x, w_gate_up, out):
-            raise ValueError("tensor descriptors need 16-byte aligned rows")
+            raise ValueError("tensor descriptors need 16-byte aligned rows and a GPU with TMA (compute "
+                             "capability 9 or newer); an interleaved weight cannot be read without them")
         w_rows = cfg.block_n if group == 0 else 2 * cfg.block_n
         # persistent: one program per SM (under the interpreter, 3: each walks several tiles)
         programs = min(tiles, _num_sms(x.device) if x.is_cuda else 3) if cfg.persistent else tiles
