@@ -228,7 +228,7 @@ def _fused_block(x, layer_idx, attn_norm, q_proj, k_proj, v_proj, o_proj, mlp_no
     if n <= chunk:
         return mlp(h, x)  # x updated in place, or a pending residual the next norm adds
     # A large step (refreshes of many requests): the MLP's [tokens, 3 x intermediate] temporaries
-    # are a step's largest memory; in slices of MLP_CHUNK_TOKENS rows they stay bounded.
+    # are a step's largest memory; in slices of ops.mlp_chunk_tokens rows they stay bounded.
     out = x if add_down else torch.empty_like(x)
     for start in range(0, n, chunk):
         end = min(start + chunk, n)

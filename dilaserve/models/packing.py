@@ -54,6 +54,9 @@ class PackedProjection:
         # 0: members' rows one after another; 1: a pair interleaved row by row (``interleave``)
         self.group = 0
 
+    def can_interleave(self) -> bool:
+        return len(self.members) == 2 and self.sizes[0] == self.sizes[1] and self.bias is None
+
     def interleave(self) -> None:
         """Reorders a pair of equal widths (gate | up) in place so row 2j is the first member's
         row j and row 2j + 1 the second's, as ``kernels.swiglu_gemm`` reads it with one dot per
@@ -62,7 +65,7 @@ class PackedProjection:
         ``__call__`` returns them as stride-2 column views."""
         if self.group == 1:
             return
-        if len(self.members) != 2 or self.sizes[0] != self.sizes[1] or self.bias is not None:
+        if not self.can_interleave():
             raise ValueError("only a pair of bias-free projections of one width can be interleaved")
         w = self.weight
         w.copy_(torch.stack(w.chunk(2), dim=1).reshape(w.shape))
@@ -88,9 +91,9 @@ class PackedProjection:
 
 def pack_projections(model: nn.Module, interleave_pairs: bool = False) -> int:
     """Packs every projection group of ``model`` (see ``GROUPS``) in place; returns the number
-    of groups packed. With ``interleave_pairs``, two-member groups (gate | up) are interleaved
-    row by row (``PackedProjection.interleave``), packed now or before. Calling it again
-    changes nothing else."""
+    of groups packed. With ``interleave_pairs``, two-member groups of one width and no bias
+    (gate | up) are interleaved row by row (``PackedProjection.interleave``), packed now or
+    before; other groups stay as they are. Calling it again changes nothing else."""
     groups = GROUPS.get(model.spec.model_type.lower(), ())
     count = 0
     for module in model.modules():
@@ -103,7 +106,7 @@ def pack_projections(model: nn.Module, interleave_pairs: bool = False) -> int:
                 pack = PackedProjection(members)
                 for m in members:
                     _PACKS[m] = pack
-            if interleave_pairs and len(members) == 2:
+            if interleave_pairs and pack.can_interleave():
                 pack.interleave()
             count += 1
     return count

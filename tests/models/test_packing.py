@@ -174,3 +174,22 @@ def test_float32_residual_stream_halves_bf16_error():
         float32_stream = error(dataclasses.replace(REFERENCE_OPS, residual_dtype=torch.float32))
     assert float32_stream < 0.7 * bf16_stream, (float32_stream, bf16_stream)
 
+
+
+def test_only_bias_free_pairs_of_one_width_are_interleaved():
+    """A gate | up pair with a bias (or q | k | v) is left in order by pack_projections, and
+    PackedProjection.interleave refuses it."""
+    from dilaserve.models.packing import PackedProjection
+
+    torch.manual_seed(0)
+    with_bias = PackedProjection((torch.nn.Linear(8, 6), torch.nn.Linear(8, 6)))
+    assert not with_bias.can_interleave()
+    with pytest.raises(ValueError, match="bias-free"):
+        with_bias.interleave()
+    uneven = PackedProjection((torch.nn.Linear(8, 6, bias=False), torch.nn.Linear(8, 4, bias=False)))
+    assert not uneven.can_interleave()
+    pair = PackedProjection((torch.nn.Linear(8, 6, bias=False), torch.nn.Linear(8, 6, bias=False)))
+    x = torch.randn(3, 8)
+    before = [t.clone() for t in pair(x)]
+    pair.interleave()
+    assert pair.group == 1 and all(torch.allclose(a, b) for a, b in zip(pair(x), before))

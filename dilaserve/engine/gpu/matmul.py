@@ -118,9 +118,11 @@ def linear_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, ad
 
 def linear_swiglu(x: torch.Tensor, weight: torch.Tensor, config: SwigluGemmConfig | None = None,
                   group: int = 0) -> torch.Tensor | None:
-    """``silu(x @ gate.T) * (x @ up.T)`` in x's dtype from the packed gate | up ``weight``, the
-    products unrounded, in one kernel; None for the steps it leaves to the skinny GEMM + silu_mul
-    (at most ``SKINNY_MAX_ROWS`` rows, or no CUDA device outside Triton's interpreter)."""
+    """``silu(x @ gate.T) * (x @ up.T)`` in x's dtype from the packed gate | up ``weight`` (rows
+    in the pack's order ``group``, see ``PackedProjection.interleave``), the products unrounded,
+    in one kernel; None for the steps it leaves to the skinny GEMM + silu_mul (at most
+    ``SKINNY_MAX_ROWS`` rows, no CUDA device outside Triton's interpreter, or an interleaved
+    pack that tensor descriptors cannot read)."""
     if x.shape[0] <= SKINNY_MAX_ROWS or not (x.is_cuda or interpreting()):
         return None
     from kernels.swiglu_gemm import swiglu_linear, tma_ok
