@@ -81,6 +81,17 @@ def _grouped_tile(tile, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _silu_times(acc_g, acc_u, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
+    """The epilogue: silu(gate) x up from the float32 products, rounded once to ``dtype``."""
+    if INTERPRETED:  # no libdevice in the interpreter
+        e = tl.exp(-acc_g)
+    else:
+        e = libdevice.exp(-acc_g)  # CUDA's expf, as fused.silu_mul
+    silu = tl.math.div_rn(acc_g, 1.0 + e)
+    return _round(silu * acc_u, dtype, INTERPRETED)
+
+
+@triton.jit
 def _swiglu_gemm_kernel(x_ptr, w_ptr, out_ptr, M, I, K, stride_xm, stride_wn, stride_om,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -116,12 +127,7 @@ def _swiglu_gemm_kernel(x_ptr, w_ptr, out_ptr, M, I, K, stride_xm, stride_wn, st
         x_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
         u_ptrs += BLOCK_K
-    if INTERPRETED:  # no libdevice in the interpreter
-        e = tl.exp(-acc_g)
-    else:
-        e = libdevice.exp(-acc_g)  # CUDA's expf, as fused.silu_mul
-    silu = tl.math.div_rn(acc_g, 1.0 + e)
-    out = _round(silu * acc_u, out_ptr.dtype.element_ty, INTERPRETED)
+    out = _silu_times(acc_g, acc_u, out_ptr.dtype.element_ty, INTERPRETED)
     mask = (rows < M)[:, None] & (cols < I)[None, :]
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], out, mask=mask)
 
@@ -165,12 +171,7 @@ def _swiglu_tma_tile(x_desc, w_desc, out_desc, tile, num_m, I, K: tl.constexpr,
             acc_g, acc_u = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
         else:
             acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
-    if INTERPRETED:
-        e = tl.exp(-acc_g)
-    else:
-        e = libdevice.exp(-acc_g)
-    silu = tl.math.div_rn(acc_g, 1.0 + e)
-    out_desc.store([row0, col0], _round(silu * acc_u, out_desc.dtype, INTERPRETED))
+    out_desc.store([row0, col0], _silu_times(acc_g, acc_u, out_desc.dtype, INTERPRETED))
 
 
 @triton.jit
@@ -248,12 +249,13 @@ def swiglu_linear(x: torch.Tensor, w_gate_up: torch.Tensor, *, out: torch.Tensor
                          f"(or group 1), got {cfg}")
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(inter, cfg.block_n)
     dot_precision = "ieee" if x.dtype == torch.float32 or interpreting() else "tf32"
-    if cfg.tma and (group or tma_ok(x, w_gate_up, out)):
+    use_tma = cfg.tma and tma_ok(x, w_gate_up, out)
+    if group and not use_tma:
+        raise ValueError("tensor descriptors need 16-byte aligned rows and a GPU with TMA (compute "
+                         "capability 9 or newer); an interleaved weight cannot be read without them")
+    if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        if not tma_ok(x, w_gate_up, out):
-            raise ValueError("tensor descriptors need 16-byte aligned rows and a GPU with TMA (compute "
-                             "capability 9 or newer); an interleaved weight cannot be read without them")
         w_rows = cfg.block_n if group == 0 else 2 * cfg.block_n
         # persistent: one program per SM (under the interpreter, 3: each walks several tiles)
         programs = min(tiles, _num_sms(x.device) if x.is_cuda else 3) if cfg.persistent else tiles

@@ -143,7 +143,6 @@ def run_point(model, args, mode: str, load: dict, acceptance: AcceptanceProfile,
     dtype_bytes = next(model.parameters()).element_size()
     memory = StepMemoryModel.for_spec(spec, dtype_bytes, fused_logits=engine.runner.fast_path is not None,
                                       padded_attention=engine.runner.fast_path is None,
-                                      fused_block=engine.runner.block_ops is not None,
                                       block_ops=engine.runner.block_ops)
     token_id = min(spec.mask_token_id, spec.eos_token_id) - 1
     runner = AcceptanceRunner(engine.runner, acceptance, token_id, memory, seed)

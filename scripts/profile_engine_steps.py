@@ -29,6 +29,7 @@ Writes ``engine_steps_<device>_<date>.{json,md}`` under ``--out``. ``--tiny`` ru
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import json
@@ -189,8 +190,7 @@ def _run_variant(model, name: str, args, num_pages: int, profile: bool) -> dict:
     finished = engine.num_finished - finished_before
     row = {
         "variant": name, "host_threads": torch.get_num_threads(), "overrides": overrides, "unrounded_max_rows": unrounded,
-        "large_step_options": {k: (vars(v) if hasattr(v, "__dict__") else v)
-                               for k, v in vars(matmul.VARIANTS[options]).items()}, "concurrency": args.concurrency,
+        "large_step_options": dataclasses.asdict(matmul.VARIANTS[options]), "concurrency": args.concurrency,
         "cold_seconds": cold_s, "seconds": seconds, "steps": steps, "finished": finished,
         "tokens_per_s": finished * args.max_tokens / seconds, "ms_per_step": seconds / steps * 1e3,
         "phases_ms_per_step": {p: clock.seconds[p] / steps * 1e3 for p in PHASES},

@@ -42,8 +42,7 @@ class Engine(EngineCore):
                              sparse_scratch_tokens=config.sparse_scratch_tokens)
         memory = StepMemoryModel.for_spec(
             model.spec, next(model.parameters()).element_size(), fused_logits=runner.fast_path is not None,
-            padded_attention=runner.attention_cls is PagedAttention, fused_block=runner.block_ops is not None,
-            block_ops=runner.block_ops)
+            padded_attention=runner.attention_cls is PagedAttention, block_ops=runner.block_ops)
         super().__init__(model.spec, config, runner, num_pages, clock, memory=memory)
         self.model = model
         self.tp = tp

@@ -48,12 +48,13 @@ class StepMemoryModel:
 
     @classmethod
     def for_spec(cls, spec, dtype_bytes: int = 4, fused_logits: bool = False,
-                 padded_attention: bool = True, fused_block: bool = False, block_ops=None) -> "StepMemoryModel":
-        """``block_ops``: the fast path's ``BlockOps`` (its MLP slice size and kernel)."""
-        extra = {} if block_ops is None else {"mlp_chunk_tokens": block_ops.mlp_chunk_tokens,
+                 padded_attention: bool = True, block_ops=None) -> "StepMemoryModel":
+        """``block_ops``: the fast path's ``BlockOps`` (None: the eager block), whose MLP slice size
+        and kernel the fused block's forward is priced with."""
+        extra = {} if block_ops is None else {"fused_block": True, "mlp_chunk_tokens": block_ops.mlp_chunk_tokens,
                                               "fused_mlp": block_ops.linear_swiglu is not None}
         return cls(spec.hidden_size, spec.intermediate_size, spec.num_heads, spec.num_kv_heads, spec.head_dim,
-                   spec.vocab_size, dtype_bytes, fused_logits, padded_attention, fused_block=fused_block, **extra)
+                   spec.vocab_size, dtype_bytes, fused_logits, padded_attention, **extra)
 
     def forward_bytes(self, tokens: int) -> int:
         d, kv, f, b = self.hidden_size, self.num_kv_heads * self.head_dim, self.intermediate_size, self.dtype_bytes

@@ -67,8 +67,10 @@ class PackedProjection:
             return
         if not self.can_interleave():
             raise ValueError("only a pair of bias-free projections of one width can be interleaved")
+        from kernels.swiglu_gemm import interleave_gate_up  # the row order the kernel reads
+
         w = self.weight
-        w.copy_(torch.stack(w.chunk(2), dim=1).reshape(w.shape))
+        w.copy_(interleave_gate_up(w, 1))
         for i, m in enumerate(self.members):
             m.weight = nn.Parameter(w[i::2], requires_grad=False)
         self._pointers = [m.weight.data_ptr() for m in self.members]

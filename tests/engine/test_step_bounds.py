@@ -198,11 +198,11 @@ def test_the_engine_prices_memory_with_its_block_ops():
     spec = SimpleNamespace(**SPEC)
 
     ops = BlockOps(None, None, None, None, linear_swiglu=lambda *a, **k: None, mlp_chunk_tokens=4096)
-    m = StepMemoryModel.for_spec(spec, 2, fused_block=True, block_ops=ops)
-    assert (m.mlp_chunk_tokens, m.fused_mlp) == (4096, True)
-    m = StepMemoryModel.for_spec(spec, 2, fused_block=True, block_ops=dataclasses.replace(ops, linear_swiglu=None))
+    m = StepMemoryModel.for_spec(spec, 2, block_ops=ops)
+    assert (m.fused_block, m.mlp_chunk_tokens, m.fused_mlp) == (True, 4096, True)
+    m = StepMemoryModel.for_spec(spec, 2, block_ops=dataclasses.replace(ops, linear_swiglu=None))
     assert (m.mlp_chunk_tokens, m.fused_mlp) == (4096, False)
-    assert StepMemoryModel.for_spec(spec, 2).fused_mlp is False
+    assert (StepMemoryModel.for_spec(spec, 2).fused_block, StepMemoryModel.for_spec(spec, 2).fused_mlp) == (False, False)
 
 
 def test_memory_budget_caps_the_batch():
