@@ -76,6 +76,20 @@ class PackedProjection:
         self._pointers = [m.weight.data_ptr() for m in self.members]
         self.group = 1
 
+    def restore_order(self) -> None:
+        """Undoes ``interleave``: the members' rows one after another again (views of contiguous
+        rows), for block ops that read gate | up in order."""
+        if self.group == 0:
+            return
+        w = self.weight
+        w.copy_(torch.cat((w[0::2], w[1::2])))
+        offset = 0
+        for m, size in zip(self.members, self.sizes):
+            m.weight = nn.Parameter(w[offset:offset + size], requires_grad=False)
+            offset += size
+        self._pointers = [m.weight.data_ptr() for m in self.members]
+        self.group = 0
+
     def is_current(self) -> bool:
         """False once a member's weight was replaced (not copied into): the pack is stale."""
         return all(m.weight.data_ptr() == p for m, p in zip(self.members, self._pointers))
@@ -95,7 +109,9 @@ def pack_projections(model: nn.Module, interleave_pairs: bool = False) -> int:
     """Packs every projection group of ``model`` (see ``GROUPS``) in place; returns the number
     of groups packed. With ``interleave_pairs``, two-member groups of one width and no bias
     (gate | up) are interleaved row by row (``PackedProjection.interleave``), packed now or
-    before; other groups stay as they are. Calling it again changes nothing else."""
+    before; other groups stay as they are. Without it, packs interleaved before are put back in
+    order, so the layout always follows the block ops that will read it (two engines built one
+    after the other on one model, say). Calling it again changes nothing else."""
     groups = GROUPS.get(model.spec.model_type.lower(), ())
     count = 0
     for module in model.modules():
@@ -110,6 +126,8 @@ def pack_projections(model: nn.Module, interleave_pairs: bool = False) -> int:
                     _PACKS[m] = pack
             if interleave_pairs and pack.can_interleave():
                 pack.interleave()
+            elif not interleave_pairs:
+                pack.restore_order()
             count += 1
     return count
 

@@ -146,6 +146,33 @@ def test_interleaved_gate_up_computes_the_same(checkpoint):
     torch.testing.assert_close(forward(model), forward(other), rtol=1e-5, atol=1e-5)
 
 
+def test_packing_in_order_again_undoes_the_interleave(checkpoint):
+    """A model packed for the interleaved kernel, then for block ops that read gate | up in order
+    (a second engine on it): the packs are back in order, members contiguous row views, same
+    forward, and in-place loads still reach them."""
+    model = load_model(checkpoint)
+    before = forward(model)
+    pack_projections(model, interleave_pairs=True)
+    first = [packed(*g) for g in blocks(model)]
+    pack_projections(model)
+    assert [packed(*g) for g in blocks(model)] == first  # the same packs, reordered in place
+    for group in blocks(model):
+        pack = packed(*group)
+        assert pack.group == 0
+        offset = 0
+        for member in group:
+            assert member.weight.is_contiguous()
+            assert member.weight.data_ptr() == pack.weight[offset:].data_ptr()
+            offset += member.out_features
+    torch.testing.assert_close(forward(model), before, rtol=1e-5, atol=1e-5)
+    other = load_model(checkpoint)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(0.5)
+    model.load_state_dict(other.state_dict())
+    torch.testing.assert_close(forward(model), forward(other), rtol=1e-5, atol=1e-5)
+
+
 def test_float32_residual_stream_halves_bf16_error():
     """A bf16 LLaDA-style model (16 layers) on the fused block path against the same weights in
     float32: a float32 residual stream cuts the hidden states' error by about half."""
