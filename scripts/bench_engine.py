@@ -140,7 +140,7 @@ def block_ops():
     """The fast path's fused element-wise kernels (as the engine's runner passes them)."""
     from dilaserve.engine.gpu import fast_block_ops
 
-    return fast_block_ops()
+    return fast_block_ops(torch.device("cuda") if torch.cuda.is_available() else None)
 
 
 def greedy_torch(model: LLaDAModel, hidden_rows: torch.Tensor):
@@ -526,7 +526,8 @@ def main() -> None:
     log(f"ceilings: {c['matmul_tflops']:.0f} TFLOP/s, {c['copy_tb_per_s']:.2f} TB/s")
     model = build_model(shape, device)
     if device.type == "cuda":
-        pack_projections(model)  # as the engine's runner does on the fast path (the torch path ignores it)
+        # as the engine's runner does on the fast path (the torch path ignores it)
+        pack_projections(model, interleave_pairs=block_ops().interleave_gate_up)
     spec = model.spec
     result["model"] = {**shape, "params": spec.num_params(), "matmul_params": matmul_params(spec)}
     log(f"model built: {spec.num_params() / 1e9:.2f}B params")

@@ -63,8 +63,8 @@ def logits_check(shape_name: str, device: torch.device, context: int = 512, bloc
         slots = torch.arange(context, device=device)
         everything = torch.ones(1, context, dtype=torch.bool, device=device)
         # The engine's fast path: packed projections, fused kernels, float32 residual stream.
-        pack_projections(fast)
         ops = select_fast_path(device).block_ops
+        pack_projections(fast, interleave_pairs=ops.interleave_gate_up)
         # A refresh: every position computed, its keys and values cached (a large step: cuBLAS).
         refresh = TritonPagedAttention(cache, slots, slots.view(1, -1), everything, slots.view(1, -1), everything)
         b_refresh = fast.compute_logits(fast(ids, positions, refresh, ops)[rows]).double()

@@ -7,7 +7,7 @@
 #   OUT=dir bash scripts/gpu_checks.sh sdar-profile,sdar-load   # #12: the block-causal (SDAR-8B shape) case
 #   OUT=dir bash scripts/gpu_checks.sh tp,tp-profile   # #10: needs 2 GPUs (tp-serve also needs Ray's wheels)
 #   OUT=dir bash scripts/gpu_checks.sh large-gemms,engine-steps,numerics-variants   # large steps' matmul options
-#   OUT=dir bash scripts/gpu_checks.sh swiglu-steps,swiglu-numerics,swiglu-engine   # the one-kernel SwiGLU (swiglu-il) against the default, end to end
+#   OUT=dir bash scripts/gpu_checks.sh swiglu-steps,composed-numerics,composed-engine,engine   # the one-kernel SwiGLU (the default) against cuBLAS + silu_mul
 # Each part writes its log and results under $OUT; a failing part does not stop the others.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
@@ -31,13 +31,14 @@ part numerics python3 scripts/check_gpu_numerics.py --out "$OUT"
 part numerics-variants bash -c 'for v in ${NUMERICS_VARIANTS:-default all}; do python3 scripts/check_gpu_numerics.py --logits-only --variant $v; done'
 part fused python3 scripts/bench_fused.py --out "$OUT"
 part large-gemms python3 scripts/sweep_large_gemms.py --out "$OUT"
-part engine-steps python3 scripts/profile_engine_steps.py --out "$OUT" --variants "${ENGINE_STEPS_VARIANTS:-default,mm-add,bf16-qkv,swiglu,all}"
-# The interleaved TMA SwiGLU kernel with 8192-row MLP slices (matmul.VARIANTS["swiglu-il"]): c=64 steps
-# against the default on one engine each, its logits error, then #8's table with it
+part engine-steps python3 scripts/profile_engine_steps.py --out "$OUT" --variants "${ENGINE_STEPS_VARIANTS:-default,composed,bf16-qkv,all}"
+# The interleaved TMA SwiGLU kernel with 8192-row MLP slices (the default since 2026-12-06): c=64 steps
+# against cuBLAS + silu_mul (composed, the default before) on one engine each; the composed path's logits error and #8's
+# table for it (the engine part gives the default's)
 part swiglu-steps python3 scripts/profile_engine_steps.py --out "$OUT/swiglu" --profile-steps 0 \
-  --variants swiglu-il,default,swiglu-il-2048
-part swiglu-numerics python3 scripts/check_gpu_numerics.py --logits-only --variant swiglu-il
-part swiglu-engine python3 scripts/bench_engine.py --out "$OUT/swiglu" --paths triton --variant swiglu-il \
+  --variants default,composed,swiglu-il-2048
+part composed-numerics python3 scripts/check_gpu_numerics.py --logits-only --variant composed
+part composed-engine python3 scripts/bench_engine.py --out "$OUT/composed" --paths triton --variant composed \
   --budget-s "${ENGINE_BUDGET_S:-330}"
 # #8's baseline: Fast-dLLM's published dual cache, one request at a time, on this device (FAST_DLLM_DIR:
 # its llada/ folder; needs einops); the engine part then divides by it

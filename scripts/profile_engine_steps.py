@@ -17,10 +17,10 @@ Triton path, run twice on one engine per variant; the second pass is timed. For 
 
 Variants: ``default`` (the committed engine), ``bf16-large`` (steps above 32 rows use bf16
 products, ``matmul.UNROUNDED_MAX_ROWS = 32``), ``refresh-8192`` (``max_refresh_tokens`` 8192),
-and the large-step matmul options of ``dilaserve/engine/gpu/matmul.py`` (``bf16-qkv``,
-``swiglu``, ``swiglu-tma``, ``swiglu-tma-persistent``, ``swiglu-tma-8192``, ``swiglu-il``,
-``swiglu-il-2048``, ``mm-add``, ``all``,
-``one-row-silu``), and ``one-host-thread`` (the default
+and the large-step matmul options of ``dilaserve/engine/gpu/matmul.py`` (``composed``: gate |
+up through cuBLAS and silu_mul, the default before 2026-12-06; ``bf16-qkv``, ``swiglu``,
+``swiglu-tma``, ``swiglu-tma-persistent``, ``swiglu-tma-8192``, ``swiglu-il`` (the default),
+``swiglu-il-2048``, ``mm-add``, ``all``, ``one-row-silu``), and ``one-host-thread`` (the default
 with torch's CPU ops on one thread: the step's input building is many small CPU ops).
 Writes ``engine_steps_<device>_<date>.{json,md}`` under ``--out``. ``--tiny`` runs a toy model
 (the torch path on a CPU) to check the script itself.
@@ -56,6 +56,7 @@ VARIANTS = {
     "default": ({}, None, "default"),
     "bf16-large": ({}, 32, "default"),
     "refresh-8192": ({"max_refresh_tokens": 8192, "max_batch_tokens": 12288}, None, "default"),
+    "composed": ({}, None, "composed"),
     "bf16-qkv": ({}, None, "bf16-qkv"),
     "swiglu": ({}, None, "swiglu"),
     "swiglu-tma": ({}, None, "swiglu-tma"),
@@ -238,7 +239,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="engine-steps-out")
     parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--variants", default="default,mm-add,bf16-qkv,swiglu,all")
+    parser.add_argument("--variants", default="default,composed,bf16-qkv,all")
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--block", type=int, default=32)

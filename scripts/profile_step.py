@@ -205,7 +205,7 @@ def main() -> None:
     result["matmuls"] = matmul_table(model.spec, device, ceilings["copy_tb_per_s"], (1, 32, 128))
     result["layer_estimates"] = [layer_estimate(result["matmuls"], model.spec, m) for m in (1, 32, 128)]
     result["step"] = step_profile(model, device, context=512, block=32, prompt=256)
-    pack_projections(model)
+    pack_projections(model, interleave_pairs=bench.block_ops().interleave_gate_up)
     result["step_packed"] = step_profile(model, device, context=512, block=32, prompt=256)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

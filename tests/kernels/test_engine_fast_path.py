@@ -50,7 +50,8 @@ def test_triton_path_matches_torch_path(llada, device, decoding):
     assert {k: v[0] for k, v in triton_path.items()} == {k: v[0] for k, v in torch_path.items()}
 
 
-@pytest.mark.parametrize("variant", ["mm-add", "bf16-qkv", "swiglu", "swiglu-tma-persistent", "swiglu-il", "all"])
+@pytest.mark.parametrize("variant", ["default", "composed", "mm-add", "bf16-qkv", "swiglu", "swiglu-tma-persistent",
+                                     "swiglu-il-2048", "all"])
 def test_large_step_variants_decode_the_same_tokens(llada, device, variant, monkeypatch):
     """Each way of running steps above 32 rows (matmul.VARIANTS) decodes as the torch path; the
     steps here (refreshes of 3 requests, ~80 rows) take those paths."""
@@ -106,3 +107,22 @@ def test_selection():
     if torch.cuda.is_available():
         assert select_fast_path(torch.device("cuda")).attention is TritonPagedAttention
         assert select_fast_path(torch.device("cuda")).block_ops.rotary is fused.rotary
+
+
+def test_gpus_without_tensor_descriptors_take_the_composed_swiglu(monkeypatch):
+    """Before Hopper (no TMA) the fast path leaves the interleaved TMA SwiGLU for cuBLAS +
+    silu_mul in order; on Hopper, on CPU (the interpreter) and for no device, OPTIONS stand."""
+    from dilaserve.engine.gpu import matmul
+
+    assert matmul.OPTIONS.swiglu_kernel and matmul.OPTIONS.interleave_gate_up  # the default
+    capability = {"value": (8, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["value"])
+    ampere = matmul.options_for(torch.device("cuda"))
+    assert (ampere.swiglu_kernel, ampere.interleave_gate_up, ampere.mlp_chunk_tokens) == (False, False, None)
+    assert ampere.add_in_gemm == matmul.OPTIONS.add_in_gemm  # the rest stands
+    assert not fast_block_ops(torch.device("cuda")).interleave_gate_up
+    assert fast_block_ops(torch.device("cuda")).linear_swiglu is None
+    capability["value"] = (9, 0)
+    assert matmul.options_for(torch.device("cuda")) is matmul.OPTIONS
+    assert matmul.options_for(torch.device("cpu")) is matmul.OPTIONS
+    assert matmul.options_for(None) is matmul.OPTIONS

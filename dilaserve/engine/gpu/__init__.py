@@ -56,12 +56,13 @@ def select_fast_path(device: torch.device, kernels: str = "auto") -> FastPath | 
     from dilaserve.engine.gpu.logits import greedy_choices
 
     logger.info("using the Triton fast path on %s", device)
-    return FastPath(TritonPagedAttention, greedy_choices, fast_block_ops())
+    return FastPath(TritonPagedAttention, greedy_choices, fast_block_ops(device))
 
 
-def fast_block_ops():
-    """The fast path's ``BlockOps``: fused element-wise kernels, the float32 residual stream,
-    skinny-GEMM matmuls for small steps (``matmul.py``)."""
+def fast_block_ops(device: torch.device | None = None):
+    """The fast path's ``BlockOps`` on ``device``: fused element-wise kernels, the float32
+    residual stream, skinny-GEMM matmuls for small steps and ``matmul.options_for(device)``
+    for large ones (``matmul.py``)."""
     import functools
 
     from dilaserve.engine.gpu import matmul
@@ -70,7 +71,7 @@ def fast_block_ops():
 
     if torch.cuda.is_available():
         matmul.float32_products()  # probe now, not inside a CUDA-graph capture
-    opts = matmul.OPTIONS
+    opts = matmul.options_for(device)
     silu_mul = fused.silu_mul if opts.silu_row_tiles else functools.partial(fused.silu_mul, tile=fused.one_row_tile)
     return BlockOps(fused.rms_norm, fused.add_rms_norm, fused.rotary, silu_mul, residual_dtype=torch.float32,
                     linear=matmul.linear, linear_wide=matmul.linear_wide,

@@ -16,7 +16,7 @@ add to the logits error (``scripts/bf16_error_budget.py``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -42,16 +42,18 @@ class LargeStepOptions:
 
     float32_qkv: bool = True  # q | k | v products in float32, rounded once by the rotary launch
     # gate | up and silu x up in one kernel (kernels/swiglu_gemm.py), else a float32-output
-    # cuBLAS matmul and fused.silu_mul
-    swiglu_kernel: bool = False
-    # its tiles (None: kernels.swiglu_gemm.DEFAULT_CONFIG)
-    swiglu_config: SwigluGemmConfig | None = None
+    # cuBLAS matmul and fused.silu_mul. The default since the H100 run of 2026-12-06
+    # (docs/benchmarks/h100_2026-12-06_swiglu_il/): with the interleaved packs, tensor
+    # descriptors and 8192-row MLP slices below, c=64 end to end 1681 against 1611 tok/s
+    swiglu_kernel: bool = True
+    # its tiles (None: kernels.swiglu_gemm.DEFAULT_CONFIG, pointer loads)
+    swiglu_config: SwigluGemmConfig | None = SwigluGemmConfig(tma=True, persistent=True)
     # gate | up packs interleaved row by row, so the kernel runs one dot per K step (needs a tma
     # config; small steps then read the product's stride-2 columns)
-    interleave_gate_up: bool = False
+    interleave_gate_up: bool = True
     # rows per MLP slice of a large step (None: layers.MLP_CHUNK_TOKENS, 2048); the one-kernel
     # MLP holds no float32 [rows, 2I] products, so its slices can be larger
-    mlp_chunk_tokens: int | None = None
+    mlp_chunk_tokens: int | None = 8192
     # o / down added into the float32 stream by cuBLAS itself (addmm, beta = 1), else a
     # float32-output matmul and an add. The default since the H100 run of 2026-12-05
     # (docs/benchmarks/large_steps_h100_2026-12-05/): the same sums (max difference 0.0),
@@ -63,25 +65,41 @@ class LargeStepOptions:
 
 
 OPTIONS = LargeStepOptions()
+# gate | up through cuBLAS (float32 products) and fused.silu_mul: the default before 2026-12-06,
+# and what GPUs without tensor descriptors (before Hopper) run (``options_for``)
+COMPOSED = LargeStepOptions(swiglu_kernel=False, swiglu_config=None, interleave_gate_up=False, mlp_chunk_tokens=None)
+_TMA = SwigluGemmConfig(tma=True)
 VARIANTS = {
-    "default": LargeStepOptions(),
-    "bf16-qkv": LargeStepOptions(float32_qkv=False),
-    "swiglu": LargeStepOptions(swiglu_kernel=True),
-    # the same through tensor descriptors (TMA), one program per tile / per SM
-    "swiglu-tma": LargeStepOptions(swiglu_kernel=True, swiglu_config=SwigluGemmConfig(tma=True)),
-    "swiglu-tma-persistent": LargeStepOptions(
-        swiglu_kernel=True, swiglu_config=SwigluGemmConfig(tma=True, persistent=True)),
-    "swiglu-tma-8192": LargeStepOptions(
-        swiglu_kernel=True, swiglu_config=SwigluGemmConfig(num_stages=4, tma=True), mlp_chunk_tokens=8192),
-    "swiglu-il": LargeStepOptions(
-        swiglu_kernel=True, swiglu_config=SwigluGemmConfig(tma=True, persistent=True), interleave_gate_up=True,
-        mlp_chunk_tokens=8192),
-    "swiglu-il-2048": LargeStepOptions(
-        swiglu_kernel=True, swiglu_config=SwigluGemmConfig(tma=True, persistent=True), interleave_gate_up=True),
-    "mm-add": LargeStepOptions(add_in_gemm=False),  # the default before 2026-12-05
-    "one-row-silu": LargeStepOptions(silu_row_tiles=False),  # the default before 2026-12-06
-    "all": LargeStepOptions(float32_qkv=False, swiglu_kernel=True, add_in_gemm=True),
+    "default": OPTIONS,
+    "composed": COMPOSED,
+    "bf16-qkv": replace(OPTIONS, float32_qkv=False),
+    # the one-kernel SwiGLU over gate | up packed in order: pointer loads, then tensor descriptors
+    # (one program per tile / per SM)
+    "swiglu": replace(COMPOSED, swiglu_kernel=True),
+    "swiglu-tma": replace(COMPOSED, swiglu_kernel=True, swiglu_config=_TMA),
+    "swiglu-tma-persistent": replace(COMPOSED, swiglu_kernel=True, swiglu_config=replace(_TMA, persistent=True)),
+    "swiglu-tma-8192": replace(COMPOSED, swiglu_kernel=True, swiglu_config=replace(_TMA, num_stages=4),
+                               mlp_chunk_tokens=8192),
+    # interleaved packs, persistent TMA kernel (the default), with 8192- or 2048-row MLP slices
+    "swiglu-il": OPTIONS,
+    "swiglu-il-2048": replace(OPTIONS, mlp_chunk_tokens=None),
+    "mm-add": replace(COMPOSED, add_in_gemm=False),  # the default before 2026-12-05
+    "one-row-silu": replace(COMPOSED, silu_row_tiles=False),  # the default before 2026-12-06
+    "all": replace(OPTIONS, float32_qkv=False),
 }
+
+
+def options_for(device: torch.device | None) -> LargeStepOptions:
+    """``OPTIONS`` as ``device`` can run them: a GPU without tensor descriptors (compute
+    capability below 9) takes the composed SwiGLU where OPTIONS asks for the TMA kernel (its
+    pointer-load form was slower than cuBLAS + silu_mul on the H200 too)."""
+    opts = OPTIONS
+    tma = opts.swiglu_kernel and opts.swiglu_config is not None and opts.swiglu_config.tma
+    if (tma or opts.interleave_gate_up) and device is not None and device.type == "cuda" \
+            and torch.cuda.get_device_capability(device)[0] < 9:
+        return replace(opts, swiglu_kernel=False, swiglu_config=None, interleave_gate_up=False,
+                       mlp_chunk_tokens=COMPOSED.mlp_chunk_tokens)
+    return opts
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
