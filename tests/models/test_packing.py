@@ -117,6 +117,17 @@ def test_mlp_in_slices_equals_the_whole(checkpoint, interleave):
     assert calls and max(calls) == 5  # the MLP did run in slices
 
 
+def assert_in_place_load_reaches_the_packs(model, checkpoint):
+    """A state dict loaded into the packed ``model`` (halved weights) changes its forward as it
+    changes the unpacked model's."""
+    other = load_model(checkpoint)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(0.5)
+    model.load_state_dict(other.state_dict())
+    torch.testing.assert_close(forward(model), forward(other), rtol=1e-5, atol=1e-5)
+
+
 def test_interleaved_gate_up_computes_the_same(checkpoint):
     """gate | up interleaved row by row (for the one-dot SwiGLU kernel): the same forward, the
     members still views of the one packed weight holding their own rows, q | k | v untouched,
@@ -138,12 +149,7 @@ def test_interleaved_gate_up_computes_the_same(checkpoint):
     pack_projections(model, interleave_pairs=True)  # again: nothing moves
     assert [packed(*g) for g in blocks(model)] == first
     torch.testing.assert_close(forward(model), before, rtol=1e-5, atol=1e-5)
-    other = load_model(checkpoint)
-    with torch.no_grad():
-        for p in other.parameters():
-            p.mul_(0.5)
-    model.load_state_dict(other.state_dict())
-    torch.testing.assert_close(forward(model), forward(other), rtol=1e-5, atol=1e-5)
+    assert_in_place_load_reaches_the_packs(model, checkpoint)
 
 
 def test_packing_in_order_again_undoes_the_interleave(checkpoint):
@@ -165,12 +171,7 @@ def test_packing_in_order_again_undoes_the_interleave(checkpoint):
             assert member.weight.data_ptr() == pack.weight[offset:].data_ptr()
             offset += member.out_features
     torch.testing.assert_close(forward(model), before, rtol=1e-5, atol=1e-5)
-    other = load_model(checkpoint)
-    with torch.no_grad():
-        for p in other.parameters():
-            p.mul_(0.5)
-    model.load_state_dict(other.state_dict())
-    torch.testing.assert_close(forward(model), forward(other), rtol=1e-5, atol=1e-5)
+    assert_in_place_load_reaches_the_packs(model, checkpoint)
 
 
 def test_float32_residual_stream_halves_bf16_error():
