@@ -44,13 +44,18 @@ class PackedProjection:
         if any(has_bias) and not all(has_bias):
             raise ValueError("packed projections must all have a bias or all have none")
         self.bias = torch.cat([m.bias.detach() for m in members]) if all(has_bias) else None
+        self._view_members_in_order()
+
+    def _view_members_in_order(self) -> None:
+        """Makes each member's weight (and bias) the view of its rows of the pack, one member's
+        rows after another's."""
         offset = 0
-        for m, size in zip(members, self.sizes):
+        for m, size in zip(self.members, self.sizes):
             m.weight = nn.Parameter(self.weight[offset:offset + size], requires_grad=False)
             if self.bias is not None:
                 m.bias = nn.Parameter(self.bias[offset:offset + size], requires_grad=False)
             offset += size
-        self._pointers = [m.weight.data_ptr() for m in members]
+        self._pointers = [m.weight.data_ptr() for m in self.members]
         # 0: members' rows one after another; 1: a pair interleaved row by row (``interleave``)
         self.group = 0
 
@@ -81,14 +86,8 @@ class PackedProjection:
         rows), for block ops that read gate | up in order."""
         if self.group == 0:
             return
-        w = self.weight
-        w.copy_(torch.cat((w[0::2], w[1::2])))
-        offset = 0
-        for m, size in zip(self.members, self.sizes):
-            m.weight = nn.Parameter(w[offset:offset + size], requires_grad=False)
-            offset += size
-        self._pointers = [m.weight.data_ptr() for m in self.members]
-        self.group = 0
+        self.weight.copy_(torch.cat((self.weight[0::2], self.weight[1::2])))
+        self._view_members_in_order()
 
     def is_current(self) -> bool:
         """False once a member's weight was replaced (not copied into): the pack is stale."""

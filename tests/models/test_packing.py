@@ -65,16 +65,21 @@ def test_packing_twice_keeps_the_packs(checkpoint):
     assert [packed(*g) for g in blocks(model)] == first
 
 
-def test_weights_loaded_after_packing_reach_the_packed_matmul(checkpoint):
-    model = load_model(checkpoint)
+def assert_in_place_load_reaches_the_packs(model, checkpoint):
+    """A state dict loaded into the packed ``model`` (halved weights) changes its forward as it
+    changes the unpacked model's."""
     other = load_model(checkpoint)
     with torch.no_grad():
         for p in other.parameters():
             p.mul_(0.5)
-    expected = forward(other)
-    pack_projections(model)
     model.load_state_dict(other.state_dict())
-    torch.testing.assert_close(forward(model), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(forward(model), forward(other), rtol=1e-5, atol=1e-5)
+
+
+def test_weights_loaded_after_packing_reach_the_packed_matmul(checkpoint):
+    model = load_model(checkpoint)
+    pack_projections(model)
+    assert_in_place_load_reaches_the_packs(model, checkpoint)
 
 
 def test_a_replaced_weight_makes_its_pack_stale(checkpoint):
@@ -115,17 +120,6 @@ def test_mlp_in_slices_equals_the_whole(checkpoint, interleave):
     sliced = dataclasses.replace(sliced, silu_mul=lambda g, u=None, **kw: calls.append(g.shape[0]) or silu_mul(g, u))
     torch.testing.assert_close(forward(model, lens=(7, 12, 5), ops=sliced), whole, rtol=1e-6, atol=1e-6)
     assert calls and max(calls) == 5  # the MLP did run in slices
-
-
-def assert_in_place_load_reaches_the_packs(model, checkpoint):
-    """A state dict loaded into the packed ``model`` (halved weights) changes its forward as it
-    changes the unpacked model's."""
-    other = load_model(checkpoint)
-    with torch.no_grad():
-        for p in other.parameters():
-            p.mul_(0.5)
-    model.load_state_dict(other.state_dict())
-    torch.testing.assert_close(forward(model), forward(other), rtol=1e-5, atol=1e-5)
 
 
 def test_interleaved_gate_up_computes_the_same(checkpoint):
